@@ -1,0 +1,1 @@
+/* config.c: written in a following change */

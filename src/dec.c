@@ -1,0 +1,1 @@
+/* dec.c: written in a following change */

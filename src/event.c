@@ -1,0 +1,1 @@
+/* event.c: written in a following change */

@@ -1,0 +1,1 @@
+/* pricecmd.c: written in a following change */

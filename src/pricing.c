@@ -1,0 +1,1 @@
+/* pricing.c: written in a following change */

@@ -1,0 +1,1 @@
+/* publish.c: written in a following change */

@@ -1,0 +1,1 @@
+/* settle.c: written in a following change */
