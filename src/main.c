@@ -1,1 +1,116 @@
-int main(void) { return 0; }
+/*
+ * main.c - the command line (PRODUCT.md section 8). It only wires modules
+ * together: parse arguments, load the config, run a command.
+ *
+ * Exit codes: 0 ok, 1 runtime failure, 2 usage or configuration error.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <curl/curl.h>
+
+#include "bw_config.h"
+#include "bw_log.h"
+#include "bw_worker.h"
+
+#define MAX_XPROPS 64
+
+static void usage(FILE *out)
+{
+    fprintf(out,
+            "usage:\n"
+            "  billing-worker [run] -c FILE [-X librdkafka.prop=value ...] [--shadow] [-v|-q]\n"
+            "  billing-worker price -c FILE [--format json|table] [EVENTS.jsonl | -]\n"
+            "  billing-worker check-config -c FILE\n"
+            "  billing-worker --version | --help\n");
+}
+
+int main(int argc, char **argv)
+{
+    const char *cmd = "run", *cfg_path = NULL, *format = "json", *input = NULL;
+    char *xprops[MAX_XPROPS];
+    size_t n_xprops = 0;
+    int shadow = 0, verbosity = 0, i = 1, rc;
+    bw_config *cfg = NULL;
+    char err[1024];
+
+    if (argc > 1 && argv[1][0] != '-') {
+        cmd = argv[1];
+        i = 2;
+    }
+    for (; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (strcmp(a, "--version") == 0) {
+            printf("billing-worker %s\n", BW_VERSION);
+            return 0;
+        } else if (strcmp(a, "-c") == 0 && i + 1 < argc) {
+            cfg_path = argv[++i];
+        } else if (strcmp(a, "-X") == 0 && i + 1 < argc) {
+            if (n_xprops == MAX_XPROPS || !strchr(argv[i + 1], '=')) {
+                fprintf(stderr, "billing-worker: -X expects key=value (at most %d)\n", MAX_XPROPS);
+                return 2;
+            }
+            xprops[n_xprops++] = argv[++i];
+        } else if (strcmp(a, "--format") == 0 && i + 1 < argc) {
+            format = argv[++i];
+        } else if (strcmp(a, "--shadow") == 0) {
+            shadow = 1;
+        } else if (strcmp(a, "-v") == 0) {
+            verbosity = 1;
+        } else if (strcmp(a, "-q") == 0) {
+            verbosity = -1;
+        } else if ((a[0] != '-' || strcmp(a, "-") == 0) && !input &&
+                   strcmp(cmd, "price") == 0) {
+            input = a;
+        } else {
+            fprintf(stderr, "billing-worker: unexpected argument \"%s\"\n", a);
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (strcmp(cmd, "run") != 0 && strcmp(cmd, "price") != 0 && strcmp(cmd, "check-config") != 0) {
+        fprintf(stderr, "billing-worker: unknown command \"%s\"\n", cmd);
+        usage(stderr);
+        return 2;
+    }
+    if (!cfg_path) {
+        fprintf(stderr, "billing-worker %s: -c FILE is required\n", cmd);
+        return 2;
+    }
+    if (strcmp(format, "json") != 0 && strcmp(format, "table") != 0) {
+        fprintf(stderr, "billing-worker: --format must be json or table\n");
+        return 2;
+    }
+    if (bw_config_load(cfg_path, strcmp(cmd, "run") != 0, &cfg, err, sizeof(err)) < 0) {
+        fprintf(stderr, "%s\n", err);
+        return 2;
+    }
+    if (bw_log_setup(cfg->log_level, cfg->log_format) < 0) {
+        fprintf(stderr, "%s: bad log settings\n", cfg_path);
+        bw_config_free(cfg);
+        return 2;
+    }
+    if (verbosity > 0)
+        bw_log_set_level(BW_LOG_DEBUG);
+    else if (verbosity < 0)
+        bw_log_set_level(BW_LOG_WARN);
+
+    if (strcmp(cmd, "check-config") == 0) {
+        printf("%s: ok (pricing version %s, sha256 %s)\n", cfg_path, cfg->pricing->version,
+               cfg->pricing->sha256);
+        rc = 0;
+    } else if (strcmp(cmd, "price") == 0) {
+        rc = bw_price_main(cfg, input, strcmp(format, "table") == 0);
+    } else {
+        bw_worker_opts opts = {cfg_path, xprops, n_xprops, shadow};
+        curl_global_init(CURL_GLOBAL_DEFAULT);
+        rc = bw_worker_run(cfg, &opts);
+        curl_global_cleanup();
+    }
+    bw_config_free(cfg);
+    return rc;
+}

@@ -1,1 +1,204 @@
-/* publish.c: written in a following change */
+/*
+ * publish.c - the Kafka producer for settlement records and dead letters.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bw_log.h"
+#include "bw_publish.h"
+#include "bw_util.h"
+
+struct bw_publish {
+    rd_kafka_t *rk;
+    rd_kafka_topic_t *rkt_settle, *rkt_dlq;
+    bw_publish_delivered_cb *cb;
+    void *ctx;
+    int dlq_outstanding;
+    int dlq_failed;
+};
+
+/* Marks a dead letter in the delivery report (its opaque). */
+static char dlq_marker;
+
+int bw_kafka_conf_apply(rd_kafka_conf_t *conf, char *const *props, size_t n, char *err,
+                        size_t errsize)
+{
+    for (size_t i = 0; i < n; i++) {
+        char kv[1024], rkerr[256];
+        char *eq;
+
+        snprintf(kv, sizeof(kv), "%s", props[i]);
+        eq = strchr(kv, '=');
+        if (!eq) {
+            bw_seterr(err, errsize, "kafka property \"%s\": expected key=value", props[i]);
+            return -1;
+        }
+        *eq = '\0';
+        if (rd_kafka_conf_set(conf, kv, eq + 1, rkerr, sizeof(rkerr)) != RD_KAFKA_CONF_OK) {
+            bw_seterr(err, errsize, "kafka property %s: %s", kv, rkerr);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque)
+{
+    bw_publish *pb = opaque;
+
+    if (rkm->_private == &dlq_marker) {
+        pb->dlq_outstanding--;
+        if (rkm->err) {
+            pb->dlq_failed++;
+            bw_log(BW_LOG_ERROR, "dead letter not delivered", "error", rd_kafka_err2str(rkm->err),
+                   NULL);
+        }
+        return;
+    }
+    /* A settlement record: _private is the strdup'ed outbox field. */
+    if (rkm->err)
+        bw_log(BW_LOG_WARN, "settlement record not delivered (kept in the outbox)", "error",
+               rd_kafka_err2str(rkm->err), NULL);
+    if (pb->cb)
+        pb->cb(pb->ctx, rkm->_private, rkm->err == RD_KAFKA_RESP_ERR_NO_ERROR);
+    free(rkm->_private);
+}
+
+bw_publish *bw_publish_new(const bw_config *cfg, char *const *xprops, size_t n_xprops,
+                           bw_publish_delivered_cb *cb, void *ctx, char *err, size_t errsize)
+{
+    bw_publish *pb = calloc(1, sizeof(*pb));
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    char rkerr[512];
+    static const char *defaults[] = {"acks=all", "enable.idempotence=true",
+                                     "partitioner=murmur2_random", "linger.ms=5",
+                                     "message.timeout.ms=60000"};
+
+    if (!pb)
+        goto err;
+    pb->cb = cb;
+    pb->ctx = ctx;
+    if (rd_kafka_conf_set(conf, "bootstrap.servers", cfg->brokers, rkerr, sizeof(rkerr)) !=
+        RD_KAFKA_CONF_OK) {
+        bw_seterr(err, errsize, "kafka: %s", rkerr);
+        goto err;
+    }
+    if (bw_kafka_conf_apply(conf, (char *const *)defaults, sizeof(defaults) / sizeof(*defaults),
+                            err, errsize) < 0 ||
+        bw_kafka_conf_apply(conf, cfg->properties, cfg->n_properties, err, errsize) < 0 ||
+        bw_kafka_conf_apply(conf, xprops, n_xprops, err, errsize) < 0)
+        goto err;
+    /* Consumer-only properties passed through to both clients are harmless. */
+    rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
+    rd_kafka_conf_set_opaque(conf, pb);
+    pb->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, rkerr, sizeof(rkerr));
+    if (!pb->rk) {
+        bw_seterr(err, errsize, "kafka producer: %s", rkerr);
+        goto err;
+    }
+    conf = NULL; /* rd_kafka_new() took it */
+    pb->rkt_settle = rd_kafka_topic_new(pb->rk, cfg->settlements_topic, NULL);
+    pb->rkt_dlq = rd_kafka_topic_new(pb->rk, cfg->dlq_topic, NULL);
+    return pb;
+err:
+    if (conf)
+        rd_kafka_conf_destroy(conf);
+    if (pb)
+        free(pb);
+    return NULL;
+}
+
+void bw_publish_destroy(bw_publish *pb)
+{
+    if (!pb)
+        return;
+    if (pb->rkt_settle)
+        rd_kafka_topic_destroy(pb->rkt_settle);
+    if (pb->rkt_dlq)
+        rd_kafka_topic_destroy(pb->rkt_dlq);
+    if (pb->rk)
+        rd_kafka_destroy(pb->rk);
+    free(pb);
+}
+
+int bw_publish_dlq(bw_publish *pb, const rd_kafka_message_t *src, const char *reason,
+                   const char *detail)
+{
+    char part[16], off[24];
+    const char *topic = src->rkt ? rd_kafka_topic_name(src->rkt) : "";
+    rd_kafka_resp_err_t e;
+
+    snprintf(part, sizeof(part), "%d", (int)src->partition);
+    snprintf(off, sizeof(off), "%lld", (long long)src->offset);
+    for (;;) {
+        e = rd_kafka_producev(
+            pb->rk, RD_KAFKA_V_RKT(pb->rkt_dlq), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+            RD_KAFKA_V_KEY(src->key, src->key_len), RD_KAFKA_V_VALUE(src->payload, src->len),
+            RD_KAFKA_V_HEADER("bw-reason", reason, -1),
+            RD_KAFKA_V_HEADER("bw-detail", detail ? detail : "", -1),
+            RD_KAFKA_V_HEADER("bw-topic", topic, -1), RD_KAFKA_V_HEADER("bw-partition", part, -1),
+            RD_KAFKA_V_HEADER("bw-offset", off, -1), RD_KAFKA_V_OPAQUE(&dlq_marker),
+            RD_KAFKA_V_END);
+        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+            break;
+        rd_kafka_poll(pb->rk, 100);
+    }
+    if (e) {
+        bw_log(BW_LOG_ERROR, "dead letter produce failed", "error", rd_kafka_err2str(e), NULL);
+        pb->dlq_failed++;
+        return -1;
+    }
+    pb->dlq_outstanding++;
+    return 0;
+}
+
+int bw_publish_dlq_wait(bw_publish *pb, int timeout_ms)
+{
+    int64_t deadline = bw_mono_ms() + timeout_ms;
+    int failed;
+
+    while (pb->dlq_outstanding > 0 && bw_mono_ms() < deadline)
+        rd_kafka_poll(pb->rk, 50);
+    failed = pb->dlq_failed || pb->dlq_outstanding > 0;
+    pb->dlq_failed = 0;
+    return failed ? -1 : 0;
+}
+
+int bw_publish_record(bw_publish *pb, const char *request_id, const char *record,
+                      const char *outbox_field)
+{
+    char *field = strdup(outbox_field);
+    rd_kafka_resp_err_t e;
+
+    if (!field)
+        return -1;
+    for (;;) {
+        e = rd_kafka_producev(pb->rk, RD_KAFKA_V_RKT(pb->rkt_settle),
+                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                              RD_KAFKA_V_KEY(request_id, strlen(request_id)),
+                              RD_KAFKA_V_VALUE((void *)record, strlen(record)),
+                              RD_KAFKA_V_OPAQUE(field), RD_KAFKA_V_END);
+        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+            break;
+        rd_kafka_poll(pb->rk, 100);
+    }
+    if (e) {
+        /* Stays in the outbox; the periodic sweep publishes it again. */
+        bw_log(BW_LOG_WARN, "settlement record produce failed", "request_id", request_id,
+               "error", rd_kafka_err2str(e), NULL);
+        free(field);
+        return -1;
+    }
+    return 0;
+}
+
+void bw_publish_poll(bw_publish *pb, int timeout_ms)
+{
+    rd_kafka_poll(pb->rk, timeout_ms);
+}
+
+int bw_publish_flush(bw_publish *pb, int timeout_ms)
+{
+    return rd_kafka_flush(pb->rk, timeout_ms) == RD_KAFKA_RESP_ERR_NO_ERROR ? 0 : -1;
+}

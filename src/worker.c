@@ -1,1 +1,693 @@
-/* worker.c: written in a following change */
+/*
+ * worker.c - `billing-worker run`.
+ *
+ * One thread does everything, in this order, so that every step's effect is
+ * durable before the next depends on it:
+ *
+ *   1. poll a batch of messages (rd_kafka_consumer_poll, never the batch
+ *      APIs: see PITFALLS.md);
+ *   2. parse and validate each; malformed ones become dead letters;
+ *   3. apply the valid ones in Redis in one round trip (dedup + aggregate +
+ *      settlement timers, atomically per event);
+ *   4. wait until Kafka acknowledged the batch's dead letters;
+ *   5. only then store the batch's offsets (enable.auto.offset.store=false;
+ *      the auto-commit thread commits what was stored);
+ *   6. settle the requests that are due (claimed in Redis with a lease, so a
+ *      crashed worker's settlements are completed by any other worker);
+ *   7. publish settlement records from the Redis outbox.
+ */
+#define _GNU_SOURCE
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+#include <librdkafka/rdkafka.h>
+
+#include "bw_http.h"
+#include "bw_log.h"
+#include "bw_metrics.h"
+#include "bw_publish.h"
+#include "bw_record.h"
+#include "bw_settle.h"
+#include "bw_store.h"
+#include "bw_util.h"
+#include "bw_worker.h"
+
+#define BATCH_MAX          1000
+#define CLAIM_MAX          32
+#define SETTLE_BUDGET_MS   2000
+#define LEASE_MS           (5 * 60 * 1000)
+#define OUTBOX_MIN_AGE_MS  30000
+#define HOUSEKEEPING_MS    5000
+#define DETAIL_MAX         200
+
+static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t reload_requested;
+
+static void on_signal(int sig)
+{
+    if (sig == SIGHUP) {
+        reload_requested = 1;
+        return;
+    }
+    if (stop_requested)
+        _exit(1); /* a second signal: exit at once */
+    stop_requested = 1;
+}
+
+typedef struct worker {
+    bw_config *cfg;
+    const bw_worker_opts *opts;
+    rd_kafka_t *rk;
+    bw_publish *pb;
+    bw_store *st;
+    bw_settle *se;
+    bw_http *http;
+    bw_pricing *pricing;
+    int joined;
+
+    /* batch buffers, allocated once */
+    rd_kafka_message_t **msgs;
+    bw_event *events;
+    bw_event **valid;
+    int *valid_idx;
+    int *results;
+    int *dead;                   /* bw_event_reason per message, 0 = none */
+    char (*detail)[DETAIL_MAX];
+} worker;
+
+static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+                         rd_kafka_topic_partition_list_t *parts, void *opaque)
+{
+    worker *w = opaque;
+    int coop = strcmp(rd_kafka_rebalance_protocol(rk), "COOPERATIVE") == 0;
+    char n[16];
+
+    snprintf(n, sizeof(n), "%d", parts->cnt);
+    if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS) {
+        bw_log(BW_LOG_INFO, "partitions assigned", "count", n, NULL);
+        if (coop)
+            rd_kafka_incremental_assign(rk, parts);
+        else
+            rd_kafka_assign(rk, parts);
+        w->joined = 1;
+    } else if (err == RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS) {
+        bw_log(BW_LOG_INFO, "partitions revoked", "count", n, NULL);
+        /* Offsets stored so far are committed by the auto-commit on revoke;
+         * whatever is not stored is redelivered and deduplicated. */
+        if (coop)
+            rd_kafka_incremental_unassign(rk, parts);
+        else
+            rd_kafka_assign(rk, NULL);
+    } else {
+        bw_log(BW_LOG_ERROR, "rebalance error", "error", rd_kafka_err2str(err), NULL);
+        rd_kafka_assign(rk, NULL);
+    }
+}
+
+static void on_delivered(void *ctx, const char *field, int ok)
+{
+    worker *w = ctx;
+    if (ok)
+        bw_store_outbox_done(w->st, field);
+}
+
+static int consumer_new(worker *w, char *err, size_t errsize)
+{
+    bw_config *cfg = w->cfg;
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    rd_kafka_topic_partition_list_t *topics;
+    char rkerr[512];
+    static const char *defaults[] = {
+        "enable.auto.offset.store=false", "enable.auto.commit=true", "auto.offset.reset=earliest",
+        "partition.assignment.strategy=cooperative-sticky", "queued.max.messages.kbytes=16384",
+        "enable.partition.eof=false"};
+
+    if (rd_kafka_conf_set(conf, "bootstrap.servers", cfg->brokers, rkerr, sizeof(rkerr)) ||
+        rd_kafka_conf_set(conf, "group.id", cfg->group_id, rkerr, sizeof(rkerr))) {
+        bw_seterr(err, errsize, "kafka: %s", rkerr);
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    if (bw_kafka_conf_apply(conf, (char *const *)defaults, sizeof(defaults) / sizeof(*defaults),
+                            err, errsize) < 0 ||
+        bw_kafka_conf_apply(conf, cfg->properties, cfg->n_properties, err, errsize) < 0 ||
+        bw_kafka_conf_apply(conf, w->opts->xprops, w->opts->n_xprops, err, errsize) < 0) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    /* The at-least-once contract depends on this one: refuse an override. */
+    if (rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", rkerr, sizeof(rkerr))) {
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_opaque(conf, w);
+    w->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, rkerr, sizeof(rkerr));
+    if (!w->rk) {
+        bw_seterr(err, errsize, "kafka consumer: %s", rkerr);
+        rd_kafka_conf_destroy(conf);
+        return -1;
+    }
+    conf = NULL; /* rd_kafka_new() took it */
+    rd_kafka_poll_set_consumer(w->rk);
+    topics = rd_kafka_topic_partition_list_new((int)cfg->n_topics);
+    for (size_t i = 0; i < cfg->n_topics; i++)
+        rd_kafka_topic_partition_list_add(topics, cfg->topics[i], RD_KAFKA_PARTITION_UA);
+    if (rd_kafka_subscribe(w->rk, topics)) {
+        bw_seterr(err, errsize, "kafka subscribe failed");
+        rd_kafka_topic_partition_list_destroy(topics);
+        return -1;
+    }
+    rd_kafka_topic_partition_list_destroy(topics);
+    return 0;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/* Read a record field as a string ("" when absent or null). */
+static const char *rec_str(const json_t *rec, const char *key)
+{
+    const char *s = json_string_value(json_object_get(rec, key));
+    return s ? s : "";
+}
+
+static uint64_t rec_u64(const json_t *rec, const char *key)
+{
+    return (uint64_t)json_integer_value(json_object_get(rec, key));
+}
+
+/* The model with the most calls, for the user service's model_name. */
+static const char *main_model(const json_t *rec)
+{
+    const json_t *lines = json_object_get(rec, "lines"), *ln;
+    const char *best = NULL;
+    json_int_t best_calls = -1;
+    size_t i;
+
+    json_array_foreach(lines, i, ln)
+    {
+        if (strcmp(rec_str(ln, "kind"), "model") == 0 &&
+            json_integer_value(json_object_get(ln, "calls")) > best_calls) {
+            best = rec_str(ln, "name");
+            best_calls = json_integer_value(json_object_get(ln, "calls"));
+        }
+    }
+    return best;
+}
+
+/* Exponential backoff for pending settlements: 1 s, 2 s, 4 s ... capped. */
+static int64_t pending_delay(const bw_config *cfg, int attempts)
+{
+    int64_t d = 1000;
+    for (int i = 0; i < attempts && d < cfg->retry_max_interval_ms; i++)
+        d *= 2;
+    return d < cfg->retry_max_interval_ms ? d : cfg->retry_max_interval_ms;
+}
+
+/* Price a claimed generation and store the result as its intent. */
+static char *decide_intent(worker *w, const bw_claim *c)
+{
+    bw_charge ch;
+    bw_record_meta meta = {c->request_id, c->user_id, c->session_id, c->org_id, c->gen,
+                           c->finalize};
+    char err[256], *txt, *stored = NULL;
+    json_t *rec;
+
+    if (bw_pricing_price(w->pricing, c->calls, c->n_calls, c->gen == 0, &ch, err, sizeof(err)) <
+        0) {
+        bw_log(BW_LOG_ERROR, "pricing failed", "request_id", c->request_id, "error", err, NULL);
+        return NULL;
+    }
+    rec = bw_record_new(&meta, &ch, w->pricing, "pending");
+    bw_charge_free(&ch);
+    if (!rec)
+        return NULL;
+    txt = bw_record_dump(rec);
+    json_decref(rec);
+    if (txt && bw_store_put_intent(w->st, c->request_id, c->gen, txt, &stored) < 0)
+        stored = NULL;
+    free(txt);
+    return stored;
+}
+
+/* Settle one claimed request. */
+static void process_claim(worker *w, const char *rid)
+{
+    bw_claim c;
+    char *intent = NULL, *out = NULL, reason_text[128], enc[BW_ENC_ID_MAX + 1];
+    char field[BW_ENC_ID_MAX + 24], gen[16];
+    json_t *rec = NULL;
+    int64_t t0 = bw_mono_ms() * 1000;
+    int rc = bw_store_load(w->st, rid, &c);
+
+    if (rc <= 0)
+        return;
+    intent = c.intent ? strdup(c.intent) : decide_intent(w, &c);
+    if (!intent || !(rec = json_loads(intent, 0, NULL))) {
+        bw_store_defer(w->st, rid, c.gen, 60000, c.wallet_only);
+        goto out;
+    }
+    snprintf(gen, sizeof(gen), "%d", c.gen);
+    if (c.gen > 0 && !w->cfg->late_policy_adjust) {
+        bw_record_set_outcome(rec, "recorded", NULL, NULL, NULL, NULL, bw_now_ms());
+        atomic_fetch_add(&bw_stats.recorded, 1);
+    } else if (w->opts->shadow) {
+        bw_record_set_outcome(rec, "dry_run", NULL, NULL, NULL, NULL, bw_now_ms());
+        atomic_fetch_add(&bw_stats.dry_run, 1);
+    } else if (json_integer_value(json_object_get(rec, "amount_micro")) == 0) {
+        /* Nothing to charge (a zero adjustment, or no minimum): no wallet call. */
+        bw_record_set_outcome(rec, "settled", NULL, NULL, NULL, NULL, bw_now_ms());
+    } else {
+        bw_settle_req req;
+        bw_settle_result res;
+        const json_t *tok = json_object_get(rec, "tokens");
+        char *breakdown = json_dumps(json_object_get(rec, "lines"), JSON_COMPACT);
+        uint64_t in = rec_u64(tok, "input") + rec_u64(tok, "cache_read") +
+                      rec_u64(tok, "cache_write");
+
+        memset(&req, 0, sizeof(req));
+        snprintf(reason_text, sizeof(reason_text), "AI chat: %" PRIu64 " model calls, %" PRIu64
+                 " tool calls", rec_u64(rec, "model_calls"), rec_u64(rec, "tool_calls"));
+        req.user_id = c.user_id;
+        req.request_id = rid;
+        req.session_id = c.session_id[0] ? c.session_id : NULL;
+        req.idempotency_key = rec_str(rec, "idempotency_key");
+        req.amount = rec_str(rec, "amount_credits");
+        req.cost_usd = rec_str(rec, "cost_usd");
+        req.reason = reason_text;
+        req.breakdown_json = breakdown ? breakdown : "[]";
+        req.model_name = main_model(rec);
+        req.model_calls = rec_u64(rec, "model_calls");
+        req.tool_calls = rec_u64(rec, "tool_calls");
+        req.prompt_tokens = in;
+        req.completion_tokens = rec_u64(tok, "output");
+        req.tokens_used = in + req.completion_tokens;
+        req.wallet_only = c.wallet_only;
+        rc = bw_settle_charge(w->se, &req, &res);
+        free(breakdown);
+        atomic_store(&bw_stats.wallet_circuit_open, bw_settle_breaker_open(w->se));
+        if (rc < 0 || res.status == BW_SETTLE_PENDING) {
+            int64_t delay = pending_delay(w->cfg, c.attempts);
+            char d[24];
+            if (rc == 0 && res.retry_after_ms > delay)
+                delay = res.retry_after_ms;
+            snprintf(d, sizeof(d), "%" PRId64, delay);
+            bw_log(BW_LOG_WARN, "settlement pending", "request_id", rid, "generation", gen,
+                   "reason", rc < 0 ? "internal error" : res.reason, "retry_in_ms", d,
+                   "outcome_unknown", (rc == 0 && res.outcome_unknown) ? "true" : "false", NULL);
+            bw_store_defer(w->st, rid, c.gen, delay,
+                           c.wallet_only || (rc == 0 && res.outcome_unknown));
+            atomic_fetch_add(&bw_stats.deferred, 1);
+            goto out;
+        }
+        if (res.status == BW_SETTLE_SETTLED) {
+            bw_record_set_outcome(rec, "settled", res.via, res.transaction_id, res.balance_after,
+                                  NULL, bw_now_ms());
+            if (strcmp(res.via, "wallet") == 0)
+                atomic_fetch_add(&bw_stats.settled_wallet, 1);
+            else
+                atomic_fetch_add(&bw_stats.settled_fallback, 1);
+            atomic_fetch_add(&bw_stats.credits_settled_micro,
+                             (unsigned long long)json_integer_value(
+                                 json_object_get(rec, "amount_micro")));
+        } else {
+            bw_record_set_outcome(rec, "rejected", res.via, NULL, NULL, res.reason, bw_now_ms());
+            atomic_fetch_add(&bw_stats.rejected, 1);
+        }
+    }
+    out = bw_record_dump(rec);
+    if (!out)
+        goto out;
+    rc = bw_store_complete(w->st, rid, c.gen, out);
+    if (rc == 1) {
+        bw_pct_encode(rid, strlen(rid), enc, sizeof(enc));
+        snprintf(field, sizeof(field), "%s:%d", enc, c.gen);
+        bw_publish_record(w->pb, rid, out, field);
+        bw_metrics_observe_settle(bw_mono_ms() * 1000 - t0);
+        bw_log(BW_LOG_INFO, "request settled", "request_id", rid, "generation", gen, "status",
+               rec_str(rec, "status"), "amount_credits", rec_str(rec, "amount_credits"), "via",
+               rec_str(rec, "settled_via"), "finalize", rec_str(rec, "finalize"), NULL);
+    }
+out:
+    if (rec)
+        json_decref(rec);
+    free(out);
+    free(intent);
+    bw_claim_free(&c);
+}
+
+static void settle_due(worker *w)
+{
+    int64_t deadline = bw_mono_ms() + SETTLE_BUDGET_MS;
+    char **rids;
+    int n;
+
+    do {
+        n = bw_store_claim_due(w->st, CLAIM_MAX, &rids);
+        if (n <= 0)
+            return;
+        for (int i = 0; i < n; i++) {
+            /* Claimed but not processed (time or stop): the lease expires
+             * and they are claimed again. */
+            if (!stop_requested || i == 0)
+                process_claim(w, rids[i]);
+            bw_publish_poll(w->pb, 0);
+        }
+        bw_store_free_strings(rids, (size_t)n);
+    } while (n == CLAIM_MAX && !stop_requested && bw_mono_ms() < deadline);
+}
+
+static void publish_outbox(worker *w)
+{
+    char **fields, **records;
+    int n = bw_store_outbox_due(w->st, OUTBOX_MIN_AGE_MS, 500, &fields, &records);
+
+    for (int i = 0; i < n; i++) {
+        const char *colon = strrchr(fields[i], ':');
+        json_t *rec = json_loads(records[i], 0, NULL);
+        const char *rid = rec ? rec_str(rec, "request_id") : "";
+        (void)colon;
+        bw_publish_record(w->pb, rid, records[i], fields[i]);
+        if (rec)
+            json_decref(rec);
+    }
+    if (n > 0) {
+        bw_store_free_strings(fields, (size_t)n);
+        bw_store_free_strings(records, (size_t)n);
+    } else {
+        free(fields);
+        free(records);
+    }
+}
+
+static void reload_pricing(worker *w)
+{
+    bw_pricing *p = NULL;
+    char err[512];
+
+    if (bw_pricing_load_file(w->opts->config_path, &p, err, sizeof(err)) < 0) {
+        bw_log(BW_LOG_ERROR, "pricing reload refused; keeping the current pricing", "error", err,
+               "version", w->pricing->version, NULL);
+        atomic_fetch_add(&bw_stats.pricing_reload_failed, 1);
+        return;
+    }
+    bw_log(BW_LOG_INFO, "pricing reloaded", "old_version", w->pricing->version, "new_version",
+           p->version, "sha256", p->sha256, NULL);
+    /* Single-threaded use: no settlement holds the old pointer now. */
+    bw_pricing_free(w->pricing);
+    w->pricing = p;
+    w->cfg->pricing = p;
+    atomic_fetch_add(&bw_stats.pricing_reload_ok, 1);
+}
+
+/* Produce the batch's dead letters and wait for Kafka's acknowledgement. */
+static int flush_dead_letters(worker *w, int n)
+{
+    int any = 0;
+
+    for (int attempt = 0; !stop_requested || attempt == 0; attempt++) {
+        any = 0;
+        for (int i = 0; i < n; i++) {
+            if (!w->dead[i])
+                continue;
+            any = 1;
+            bw_publish_dlq(w->pb, w->msgs[i], bw_event_reason_str((bw_event_reason)w->dead[i]),
+                           w->detail[i]);
+        }
+        if (!any || bw_publish_dlq_wait(w->pb, 30000) == 0)
+            return 0;
+        bw_log(BW_LOG_WARN, "dead letters not acknowledged; producing them again", NULL);
+        sleep_ms(500);
+    }
+    return -1;
+}
+
+static void store_offsets(worker *w, int n)
+{
+    rd_kafka_topic_partition_list_t *offs = rd_kafka_topic_partition_list_new(n);
+    rd_kafka_resp_err_t e;
+
+    for (int i = 0; i < n; i++) {
+        rd_kafka_message_t *m = w->msgs[i];
+        rd_kafka_topic_partition_t *tp =
+            rd_kafka_topic_partition_list_find(offs, rd_kafka_topic_name(m->rkt), m->partition);
+        if (!tp)
+            tp = rd_kafka_topic_partition_list_add(offs, rd_kafka_topic_name(m->rkt),
+                                                   m->partition);
+        if (m->offset + 1 > tp->offset)
+            tp->offset = m->offset + 1;
+    }
+    e = rd_kafka_offsets_store(w->rk, offs);
+    if (e)
+        bw_log(BW_LOG_DEBUG, "offsets store (partitions revoked meanwhile?)", "error",
+               rd_kafka_err2str(e), NULL);
+    rd_kafka_topic_partition_list_destroy(offs);
+}
+
+/* Steps 2-5 for one batch. @returns 0, or -1 if stopped before it was durable. */
+static int process_batch(worker *w, int n)
+{
+    int nv = 0;
+    char err[256];
+
+    for (int i = 0; i < n; i++) {
+        rd_kafka_message_t *m = w->msgs[i];
+        bw_event_reason r = bw_event_parse(m->payload ? m->payload : "", m->len,
+                                           (size_t)w->cfg->max_event_bytes, &w->events[i],
+                                           w->detail[i], DETAIL_MAX);
+        atomic_fetch_add(&bw_stats.events_consumed, 1);
+        w->dead[i] = (int)r;
+        if (r == BW_EVR_OK) {
+            w->valid[nv] = &w->events[i];
+            w->valid_idx[nv++] = i;
+        }
+    }
+    while (nv > 0 && bw_store_apply(w->st, w->valid, (size_t)nv, w->results, err, sizeof(err)) <
+                         0) {
+        atomic_store(&bw_stats.ready, 0);
+        bw_log(BW_LOG_WARN, "redis unavailable; retrying the batch", "error", err, NULL);
+        if (stop_requested)
+            return -1;
+        sleep_ms(500);
+    }
+    for (int k = 0; k < nv; k++) {
+        int i = w->valid_idx[k];
+        switch (w->results[k]) {
+        case BW_APPLY_NEW:
+            atomic_fetch_add(&bw_stats.events_applied, 1);
+            break;
+        case BW_APPLY_LATE:
+            atomic_fetch_add(&bw_stats.events_applied, 1);
+            atomic_fetch_add(&bw_stats.late_events, 1);
+            break;
+        case BW_APPLY_DUP:
+            atomic_fetch_add(&bw_stats.duplicates, 1);
+            break;
+        case BW_APPLY_DUP_CONFLICT:
+            atomic_fetch_add(&bw_stats.duplicates, 1);
+            atomic_fetch_add(&bw_stats.duplicates_conflicting, 1);
+            bw_log(BW_LOG_WARN, "duplicate with a different payload; the first wins",
+                   "request_id", w->events[i].request_id, "dedup_key",
+                   bw_event_dedup_key(&w->events[i]), NULL);
+            break;
+        case BW_APPLY_USER_MISMATCH:
+            w->dead[i] = BW_EVR_USER_MISMATCH;
+            snprintf(w->detail[i], DETAIL_MAX, "user_id differs from the request's first event");
+            break;
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        if (w->dead[i]) {
+            char part[16], off[24];
+            snprintf(part, sizeof(part), "%d", (int)w->msgs[i]->partition);
+            snprintf(off, sizeof(off), "%lld", (long long)w->msgs[i]->offset);
+            atomic_fetch_add(&bw_stats.dead_letters[w->dead[i]], 1);
+            bw_log(BW_LOG_WARN, "dead letter", "reason",
+                   bw_event_reason_str((bw_event_reason)w->dead[i]), "detail", w->detail[i],
+                   "partition", part, "offset", off, NULL);
+        }
+    }
+    if (flush_dead_letters(w, n) < 0)
+        return -1;
+    store_offsets(w, n);
+    return 0;
+}
+
+static int poll_batch(worker *w)
+{
+    int n = 0;
+
+    while (n < BATCH_MAX) {
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(w->rk, n == 0 ? 100 : 0);
+        if (!m)
+            break;
+        if (m->err) {
+            if (m->err != RD_KAFKA_RESP_ERR__PARTITION_EOF)
+                bw_log(BW_LOG_WARN, "consumer error", "error", rd_kafka_message_errstr(m), NULL);
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        w->msgs[n++] = m;
+    }
+    return n;
+}
+
+typedef struct close_arg {
+    rd_kafka_t *rk;
+} close_arg;
+
+static void *close_thread(void *arg)
+{
+    rd_kafka_consumer_close(((close_arg *)arg)->rk);
+    return NULL;
+}
+
+/* Leave the group, bounded: the cooperative protocol can hang in close. */
+static int close_consumer(rd_kafka_t *rk, int64_t timeout_ms)
+{
+    pthread_t th;
+    close_arg a = {rk};
+    struct timespec ts;
+
+    if (pthread_create(&th, NULL, close_thread, &a) != 0)
+        return -1;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    if (pthread_timedjoin_np(th, NULL, &ts) != 0) {
+        bw_log(BW_LOG_WARN, "consumer close timed out; exiting without waiting", NULL);
+        pthread_detach(th);
+        return -1;
+    }
+    return 0;
+}
+
+int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
+{
+    worker w;
+    char err[512];
+    int rc = 1;
+    int64_t next_housekeeping = 0;
+    bw_store_timers timers;
+    struct sigaction sa;
+
+    memset(&w, 0, sizeof(w));
+    w.cfg = cfg;
+    w.opts = opts;
+    w.pricing = cfg->pricing;
+
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_signal;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    w.msgs = calloc(BATCH_MAX, sizeof(*w.msgs));
+    w.events = calloc(BATCH_MAX, sizeof(*w.events));
+    w.valid = calloc(BATCH_MAX, sizeof(*w.valid));
+    w.valid_idx = calloc(BATCH_MAX, sizeof(*w.valid_idx));
+    w.results = calloc(BATCH_MAX, sizeof(*w.results));
+    w.dead = calloc(BATCH_MAX, sizeof(*w.dead));
+    w.detail = calloc(BATCH_MAX, sizeof(*w.detail));
+    if (!w.msgs || !w.events || !w.valid || !w.valid_idx || !w.results || !w.dead || !w.detail) {
+        bw_log(BW_LOG_ERROR, "out of memory", NULL);
+        goto out;
+    }
+
+    timers.request_timeout_ms = cfg->request_timeout_ms;
+    timers.finalize_grace_ms = cfg->finalize_grace_ms;
+    timers.retention_ms = cfg->dedup_retention_ms;
+    timers.lease_ms = LEASE_MS;
+    if (!(w.st = bw_store_new(cfg->redis_url, &timers, err, sizeof(err))) ||
+        !(w.se = bw_settle_new(cfg, err, sizeof(err))) ||
+        !(w.pb = bw_publish_new(cfg, opts->xprops, opts->n_xprops, on_delivered, &w, err,
+                                sizeof(err))) ||
+        consumer_new(&w, err, sizeof(err)) < 0) {
+        bw_log(BW_LOG_ERROR, "start-up failed", "error", err, NULL);
+        goto out;
+    }
+    if (cfg->http_listen && *cfg->http_listen &&
+        !(w.http = bw_http_start(cfg->http_listen, err, sizeof(err)))) {
+        bw_log(BW_LOG_ERROR, "start-up failed", "error", err, NULL);
+        goto out;
+    }
+    bw_log(BW_LOG_INFO, "billing-worker started", "version", BW_VERSION, "group", cfg->group_id,
+           "pricing_version", w.pricing->version, "shadow", opts->shadow ? "true" : "false", NULL);
+
+    while (!stop_requested) {
+        int n = poll_batch(&w);
+
+        if (n > 0) {
+            int ok = process_batch(&w, n);
+            for (int i = 0; i < n; i++)
+                rd_kafka_message_destroy(w.msgs[i]);
+            if (ok < 0)
+                break;
+        }
+        if (reload_requested) {
+            reload_requested = 0;
+            reload_pricing(&w);
+        }
+        settle_due(&w);
+        bw_publish_poll(w.pb, 0);
+        if (bw_mono_ms() >= next_housekeeping) {
+            long long due = bw_store_due_count(w.st);
+            next_housekeeping = bw_mono_ms() + HOUSEKEEPING_MS;
+            publish_outbox(&w);
+            if (due >= 0)
+                atomic_store(&bw_stats.pending_settlements, due);
+            atomic_store(&bw_stats.ready, due >= 0);
+        }
+    }
+
+    bw_log(BW_LOG_INFO, "draining", NULL);
+    atomic_store(&bw_stats.draining, 1);
+    {
+        int64_t deadline = bw_mono_ms() + cfg->shutdown_timeout_ms;
+        rd_kafka_resp_err_t e = rd_kafka_commit(w.rk, NULL, 0);
+        if (e && e != RD_KAFKA_RESP_ERR__NO_OFFSET)
+            bw_log(BW_LOG_WARN, "final offset commit failed", "error", rd_kafka_err2str(e), NULL);
+        close_consumer(w.rk, deadline - bw_mono_ms() > 1000 ? deadline - bw_mono_ms() : 1000);
+        if (bw_publish_flush(w.pb, (int)(deadline - bw_mono_ms() > 500
+                                             ? deadline - bw_mono_ms()
+                                             : 500)) < 0)
+            bw_log(BW_LOG_WARN, "records still in flight at exit stay in the outbox", NULL);
+    }
+    rc = 0;
+    bw_log(BW_LOG_INFO, "stopped", NULL);
+out:
+    if (w.http)
+        bw_http_stop(w.http);
+    if (w.rk && rc != 0)
+        rd_kafka_consumer_close(w.rk);
+    if (w.rk)
+        rd_kafka_destroy(w.rk);
+    bw_publish_destroy(w.pb);
+    bw_settle_destroy(w.se);
+    bw_store_destroy(w.st);
+    cfg->pricing = w.pricing;
+    free(w.msgs);
+    free(w.events);
+    free(w.valid);
+    free(w.valid_idx);
+    free(w.results);
+    free(w.dead);
+    free(w.detail);
+    return rc;
+}
