@@ -86,8 +86,7 @@ typedef struct bw_config {
  * @returns 0 and *out (free with bw_config_free), or -1 with
  *          "file:line: message" in @p err (the caller exits 2).
  */
-int bw_config_load(const char *path, int pricing_only, bw_config **out, char *err,
-                   size_t errsize);
+int bw_config_load(const char *path, int pricing_only, bw_config **out, char *err, size_t errsize);
 
 void bw_config_free(bw_config *cfg);
 

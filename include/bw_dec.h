@@ -13,9 +13,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define BW_DEC_LIMBS 8     /* 8 x 9 = 72 decimal digits of mantissa */
-#define BW_DEC_BASE  1000000000u
-#define BW_DEC_STRMAX 96   /* enough for any bw_dec in plain notation */
+#define BW_DEC_LIMBS  8 /* 8 x 9 = 72 decimal digits of mantissa */
+#define BW_DEC_BASE   1000000000u
+#define BW_DEC_STRMAX 96 /* enough for any bw_dec in plain notation */
 
 typedef struct bw_dec {
     uint32_t limb[BW_DEC_LIMBS]; /* little-endian, base 10^9 */

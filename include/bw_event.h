@@ -48,15 +48,15 @@ typedef struct bw_usage {
 /** Reason codes carried in dead-letter records. */
 typedef enum bw_event_reason {
     BW_EVR_OK = 0,
-    BW_EVR_TOO_LARGE,       /* "too_large": above limits.max_event_bytes */
-    BW_EVR_INVALID_JSON,    /* "invalid_json": not JSON, bad UTF-8, duplicated key, too deep */
-    BW_EVR_NOT_OBJECT,      /* "not_object": JSON but not an object */
-    BW_EVR_MISSING_FIELD,   /* "missing_field": a required field is absent */
-    BW_EVR_WRONG_TYPE,      /* "wrong_type": a field has the wrong JSON type */
-    BW_EVR_INVALID_VALUE,   /* "invalid_value": right type, value out of range/inconsistent */
-    BW_EVR_INVALID_ID,      /* "invalid_id": identifier empty, too long, bad UTF-8, control chars */
-    BW_EVR_UNKNOWN_TYPE,    /* "unknown_type": type is not one of the three */
-    BW_EVR_USER_MISMATCH    /* "user_mismatch": set by the store, never by the parser */
+    BW_EVR_TOO_LARGE,     /* "too_large": above limits.max_event_bytes */
+    BW_EVR_INVALID_JSON,  /* "invalid_json": not JSON, bad UTF-8, duplicated key, too deep */
+    BW_EVR_NOT_OBJECT,    /* "not_object": JSON but not an object */
+    BW_EVR_MISSING_FIELD, /* "missing_field": a required field is absent */
+    BW_EVR_WRONG_TYPE,    /* "wrong_type": a field has the wrong JSON type */
+    BW_EVR_INVALID_VALUE, /* "invalid_value": right type, value out of range/inconsistent */
+    BW_EVR_INVALID_ID,    /* "invalid_id": identifier empty, too long, bad UTF-8, control chars */
+    BW_EVR_UNKNOWN_TYPE,  /* "unknown_type": type is not one of the three */
+    BW_EVR_USER_MISMATCH  /* "user_mismatch": set by the store, never by the parser */
 } bw_event_reason;
 
 typedef struct bw_event {

@@ -47,7 +47,7 @@ typedef struct bw_pricing {
     size_t n_models;
     bw_tool_rule *tools;
     size_t n_tools;
-    char *litellm_path;          /* NULL when unset */
+    char *litellm_path;         /* NULL when unset */
     struct bw_litellm *litellm; /* NULL when unset */
 } bw_pricing;
 

@@ -50,4 +50,7 @@ int bw_publish_flush(bw_publish *pb, int timeout_ms);
 int bw_kafka_conf_apply(rd_kafka_conf_t *conf, char *const *props, size_t n, char *err,
                         size_t errsize);
 
+/** librdkafka log callback writing through bw_log (set on every client). */
+void bw_kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf);
+
 #endif

@@ -63,8 +63,7 @@ int main(int argc, char **argv)
             verbosity = 1;
         } else if (strcmp(a, "-q") == 0) {
             verbosity = -1;
-        } else if ((a[0] != '-' || strcmp(a, "-") == 0) && !input &&
-                   strcmp(cmd, "price") == 0) {
+        } else if ((a[0] != '-' || strcmp(a, "-") == 0) && !input && strcmp(cmd, "price") == 0) {
             input = a;
         } else {
             fprintf(stderr, "billing-worker: unexpected argument \"%s\"\n", a);

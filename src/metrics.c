@@ -12,8 +12,8 @@ bw_metrics bw_stats;
 
 /* Upper bounds (seconds) of the settlement latency histogram buckets. */
 static const double settle_le[8] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5};
-static const int64_t settle_le_us[8] = {5000, 10000, 25000, 50000, 100000, 500000, 1000000,
-                                        5000000};
+static const int64_t settle_le_us[8] = {5000,   10000,  25000,   50000,
+                                        100000, 500000, 1000000, 5000000};
 
 void bw_metrics_observe_settle(int64_t us)
 {
@@ -54,7 +54,8 @@ static void put(sbuf *b, const char *fmt, ...)
 
 static void counter(sbuf *b, const char *name, const char *help, unsigned long long v)
 {
-    put(b, "# HELP billing_worker_%s %s\n# TYPE billing_worker_%s counter\nbilling_worker_%s %llu\n",
+    put(b,
+        "# HELP billing_worker_%s %s\n# TYPE billing_worker_%s counter\nbilling_worker_%s %llu\n",
         name, help, name, name, v);
 }
 

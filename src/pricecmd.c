@@ -34,7 +34,7 @@ typedef struct sset {
         struct snode *next;
         size_t idx; /* request index for the request table */
         char key[];
-    } **b;
+    } * *b;
     size_t nb;
 } sset;
 
@@ -232,8 +232,8 @@ int bw_price_main(const bw_config *cfg, const char *path, int table)
     for (size_t i = 0; i < n_req; i++) {
         preq *q = &reqs[i];
         bw_charge ch;
-        const char *fin = !q->finalized      ? "timeout"
-                          : !q->has_expected ? "marker"
+        const char *fin = !q->finalized                                 ? "timeout"
+                          : !q->has_expected                            ? "marker"
                           : (q->n_model >= q->xm && q->n_tool >= q->xt) ? "expected_met"
                                                                         : "incomplete";
         bw_record_meta meta = {q->request_id, q->user_id, q->session_id, q->org_id, 0, fin};

@@ -43,6 +43,15 @@ int bw_kafka_conf_apply(rd_kafka_conf_t *conf, char *const *props, size_t n, cha
     return 0;
 }
 
+void bw_kafka_log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+    bw_log_level lvl = level <= 3   ? BW_LOG_ERROR
+                       : level == 4 ? BW_LOG_WARN
+                       : level <= 6 ? BW_LOG_INFO
+                                    : BW_LOG_DEBUG;
+    bw_log(lvl, "kafka", "client", rd_kafka_name(rk), "facility", fac, "detail", buf, NULL);
+}
+
 static void dr_msg_cb(rd_kafka_t *rk, const rd_kafka_message_t *rkm, void *opaque)
 {
     bw_publish *pb = opaque;
@@ -91,6 +100,7 @@ bw_publish *bw_publish_new(const bw_config *cfg, char *const *xprops, size_t n_x
         goto err;
     /* Consumer-only properties passed through to both clients are harmless. */
     rd_kafka_conf_set_dr_msg_cb(conf, dr_msg_cb);
+    rd_kafka_conf_set_log_cb(conf, bw_kafka_log_cb);
     rd_kafka_conf_set_opaque(conf, pb);
     pb->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, rkerr, sizeof(rkerr));
     if (!pb->rk) {
@@ -185,8 +195,8 @@ int bw_publish_record(bw_publish *pb, const char *request_id, const char *record
     }
     if (e) {
         /* Stays in the outbox; the periodic sweep publishes it again. */
-        bw_log(BW_LOG_WARN, "settlement record produce failed", "request_id", request_id,
-               "error", rd_kafka_err2str(e), NULL);
+        bw_log(BW_LOG_WARN, "settlement record produce failed", "request_id", request_id, "error",
+               rd_kafka_err2str(e), NULL);
         free(field);
         return -1;
     }

@@ -32,9 +32,8 @@ static json_t *dec_string(const bw_dec *d)
 static json_t *tokens_object(const bw_usage *u)
 {
     return json_pack("{sI sI sI sI sI}", "input", (json_int_t)u->input, "output",
-                     (json_int_t)u->output, "cache_read", (json_int_t)u->cache_read,
-                     "cache_write", (json_int_t)u->cache_write, "reasoning",
-                     (json_int_t)u->reasoning);
+                     (json_int_t)u->output, "cache_read", (json_int_t)u->cache_read, "cache_write",
+                     (json_int_t)u->cache_write, "reasoning", (json_int_t)u->reasoning);
 }
 
 static json_t *nullable_string(const char *s)

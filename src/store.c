@@ -17,12 +17,13 @@
 #include "bw_store.h"
 #include "bw_util.h"
 
-#define DUE_KEY      "bw:due"
-#define OUTBOX_KEY   "bw:outbox"
-#define OUTBOX_ZKEY  "bw:outbox:z"
-#define KEY_MAX      (BW_ENC_ID_MAX + 16)
-#define NOW_MS_LUA   "local t = redis.call('TIME')\n"                                              \
-                     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+#define DUE_KEY     "bw:due"
+#define OUTBOX_KEY  "bw:outbox"
+#define OUTBOX_ZKEY "bw:outbox:z"
+#define KEY_MAX     (BW_ENC_ID_MAX + 16)
+#define NOW_MS_LUA                                                                                 \
+    "local t = redis.call('TIME')\n"                                                               \
+    "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
 /*
  * APPLY. KEYS[1] = due; per event i: KEYS[2i] = meta, KEYS[2i+1] = events.
@@ -69,7 +70,8 @@ static const char *lua_apply = NOW_MS_LUA
     "          redis.call('HSET', m, 'fin', now)\n"
     "          if exp ~= '' then\n"
     "            local c = string.find(exp, ':', 1, true)\n"
-    "            redis.call('HSET', m, 'xm', string.sub(exp, 1, c - 1), 'xt', string.sub(exp, c + 1))\n"
+    "            redis.call('HSET', m, 'xm', string.sub(exp, 1, c - 1), 'xt', string.sub(exp, c + "
+    "1))\n"
     "          end\n"
     "        end\n"
     "        local fin = redis.call('HGET', m, 'fin')\n"
@@ -140,7 +142,8 @@ static const char *lua_load = NOW_MS_LUA
     "    if not xm then\n"
     "      reason = 'marker'\n"
     "    elseif tonumber(redis.call('HGET', m, 'nm') or '0') >= tonumber(xm) and\n"
-    "           tonumber(redis.call('HGET', m, 'nt') or '0') >= tonumber(redis.call('HGET', m, 'xt')) then\n"
+    "           tonumber(redis.call('HGET', m, 'nt') or '0') >= tonumber(redis.call('HGET', m, "
+    "'xt')) then\n"
     "      reason = 'expected_met'\n"
     "    else\n"
     "      reason = 'incomplete'\n"
@@ -153,7 +156,8 @@ static const char *lua_load = NOW_MS_LUA
     "redis.call('HSET', m, 'cu', now + tonumber(ARGV[2]))\n"
     "local res = {1, done, redis.call('HGET', m, 'user'), redis.call('HGET', m, 'sess') or '',\n"
     "             redis.call('HGET', m, 'org') or '', redis.call('HGET', s, done .. ':f') or '',\n"
-    "             redis.call('HGET', s, done .. ':i') or '', redis.call('HGET', s, done .. ':wo') or '0',\n"
+    "             redis.call('HGET', s, done .. ':i') or '', redis.call('HGET', s, done .. ':wo') "
+    "or '0',\n"
     "             redis.call('HGET', s, done .. ':a') or '0'}\n"
     "local prefix = done .. '|'\n"
     "local all = redis.call('HGETALL', e)\n"
@@ -190,13 +194,14 @@ static const char *lua_complete = NOW_MS_LUA
     "return 1\n";
 
 /* DEFER. KEYS = meta, settlements, due. ARGV = request id, gen, delay_ms, wallet_only. */
-static const char *lua_defer = NOW_MS_LUA
-    "if tonumber(redis.call('HGET', KEYS[1], 'done') or '-1') ~= tonumber(ARGV[2]) then return 0 end\n"
-    "if ARGV[4] == '1' then redis.call('HSET', KEYS[2], ARGV[2] .. ':wo', '1') end\n"
-    "redis.call('HINCRBY', KEYS[2], ARGV[2] .. ':a', 1)\n"
-    "redis.call('HDEL', KEYS[1], 'cu')\n"
-    "redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])\n"
-    "return 1\n";
+static const char *lua_defer =
+    NOW_MS_LUA "if tonumber(redis.call('HGET', KEYS[1], 'done') or '-1') ~= tonumber(ARGV[2]) then "
+               "return 0 end\n"
+               "if ARGV[4] == '1' then redis.call('HSET', KEYS[2], ARGV[2] .. ':wo', '1') end\n"
+               "redis.call('HINCRBY', KEYS[2], ARGV[2] .. ':a', 1)\n"
+               "redis.call('HDEL', KEYS[1], 'cu')\n"
+               "redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])\n"
+               "return 1\n";
 
 /* OUTBOX_DUE. KEYS = outbox, outbox zset. ARGV = min_age_ms, max. */
 static const char *lua_outbox_due = NOW_MS_LUA
@@ -217,9 +222,8 @@ static const char *lua_outbox_due = NOW_MS_LUA
 
 enum { S_APPLY, S_CLAIM, S_LOAD, S_INTENT, S_COMPLETE, S_DEFER, S_OUTBOX_DUE, S_COUNT };
 
-static const char **const scripts[S_COUNT] = {&lua_apply,    &lua_claim, &lua_load,
-                                              &lua_intent,   &lua_complete,
-                                              &lua_defer,    &lua_outbox_due};
+static const char **const scripts[S_COUNT] = {
+    &lua_apply, &lua_claim, &lua_load, &lua_intent, &lua_complete, &lua_defer, &lua_outbox_due};
 
 struct bw_store {
     redisContext *c;
@@ -460,8 +464,8 @@ static int compact_event(const bw_event *ev, char *buf, size_t size)
     const bw_usage *u = &ev->usage;
     switch (ev->type) {
     case BW_EV_MODEL:
-        return snprintf(buf, size, "M|%d|%d|%" PRIu64 "|%" PRIu64 "|%" PRIu64 "|%" PRIu64
-                                   "|%" PRIu64 "|%s",
+        return snprintf(buf, size,
+                        "M|%d|%d|%" PRIu64 "|%" PRIu64 "|%" PRIu64 "|%" PRIu64 "|%" PRIu64 "|%s",
                         ev->failed, ev->usage_shape != BW_USAGE_NONE, u->input, u->cache_read,
                         u->cache_write, u->output, u->reasoning, ev->name);
     case BW_EV_TOOL:
@@ -476,7 +480,7 @@ static int compact_event(const bw_event *ev, char *buf, size_t size)
     }
 }
 
-#define APPLY_ARGS 8
+#define APPLY_ARGS  8
 #define COMPACT_MAX (BW_NAME_MAX + 160)
 
 int bw_store_apply(bw_store *st, bw_event *const *evs, size_t n, int *results, char *err,
@@ -758,8 +762,7 @@ int bw_store_complete(bw_store *st, const char *request_id, int gen, const char 
     return rc;
 }
 
-int bw_store_defer(bw_store *st, const char *request_id, int gen, int64_t delay_ms,
-                   int wallet_only)
+int bw_store_defer(bw_store *st, const char *request_id, int gen, int64_t delay_ms, int wallet_only)
 {
     char enc[BW_ENC_ID_MAX + 1], km[KEY_MAX], ks[KEY_MAX], g[16], d[24];
     const char *argv[7];

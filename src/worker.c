@@ -39,13 +39,12 @@
 #include "bw_util.h"
 #include "bw_worker.h"
 
-#define BATCH_MAX          1000
-#define CLAIM_MAX          32
-#define SETTLE_BUDGET_MS   2000
-#define LEASE_MS           (5 * 60 * 1000)
-#define OUTBOX_MIN_AGE_MS  30000
-#define HOUSEKEEPING_MS    5000
-#define DETAIL_MAX         200
+#define BATCH_MAX         1000
+#define CLAIM_MAX         32
+#define SETTLE_BUDGET_MS  2000
+#define OUTBOX_MIN_AGE_MS 30000
+#define HOUSEKEEPING_MS   5000
+#define DETAIL_MAX        200
 
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t reload_requested;
@@ -78,7 +77,7 @@ typedef struct worker {
     bw_event **valid;
     int *valid_idx;
     int *results;
-    int *dead;                   /* bw_event_reason per message, 0 = none */
+    int *dead; /* bw_event_reason per message, 0 = none */
     char (*detail)[DETAIL_MAX];
 } worker;
 
@@ -125,9 +124,9 @@ static int consumer_new(worker *w, char *err, size_t errsize)
     rd_kafka_topic_partition_list_t *topics;
     char rkerr[512];
     static const char *defaults[] = {
-        "enable.auto.offset.store=false", "enable.auto.commit=true", "auto.offset.reset=earliest",
-        "partition.assignment.strategy=cooperative-sticky", "queued.max.messages.kbytes=16384",
-        "enable.partition.eof=false"};
+        "enable.auto.offset.store=false",   "enable.auto.commit=true",
+        "auto.offset.reset=earliest",       "partition.assignment.strategy=cooperative-sticky",
+        "queued.max.messages.kbytes=16384", "enable.partition.eof=false"};
 
     if (rd_kafka_conf_set(conf, "bootstrap.servers", cfg->brokers, rkerr, sizeof(rkerr)) ||
         rd_kafka_conf_set(conf, "group.id", cfg->group_id, rkerr, sizeof(rkerr))) {
@@ -148,6 +147,7 @@ static int consumer_new(worker *w, char *err, size_t errsize)
         return -1;
     }
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+    rd_kafka_conf_set_log_cb(conf, bw_kafka_log_cb);
     rd_kafka_conf_set_opaque(conf, w);
     w->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, rkerr, sizeof(rkerr));
     if (!w->rk) {
@@ -219,8 +219,8 @@ static int64_t pending_delay(const bw_config *cfg, int attempts)
 static char *decide_intent(worker *w, const bw_claim *c)
 {
     bw_charge ch;
-    bw_record_meta meta = {c->request_id, c->user_id, c->session_id, c->org_id, c->gen,
-                           c->finalize};
+    bw_record_meta meta = {c->request_id, c->user_id, c->session_id,
+                           c->org_id,     c->gen,     c->finalize};
     char err[256], *txt, *stored = NULL;
     json_t *rec;
 
@@ -273,12 +273,13 @@ static void process_claim(worker *w, const char *rid)
         bw_settle_result res;
         const json_t *tok = json_object_get(rec, "tokens");
         char *breakdown = json_dumps(json_object_get(rec, "lines"), JSON_COMPACT);
-        uint64_t in = rec_u64(tok, "input") + rec_u64(tok, "cache_read") +
-                      rec_u64(tok, "cache_write");
+        uint64_t in =
+            rec_u64(tok, "input") + rec_u64(tok, "cache_read") + rec_u64(tok, "cache_write");
 
         memset(&req, 0, sizeof(req));
-        snprintf(reason_text, sizeof(reason_text), "AI chat: %" PRIu64 " model calls, %" PRIu64
-                 " tool calls", rec_u64(rec, "model_calls"), rec_u64(rec, "tool_calls"));
+        snprintf(reason_text, sizeof(reason_text),
+                 "AI chat: %" PRIu64 " model calls, %" PRIu64 " tool calls",
+                 rec_u64(rec, "model_calls"), rec_u64(rec, "tool_calls"));
         req.user_id = c.user_id;
         req.request_id = rid;
         req.session_id = c.session_id[0] ? c.session_id : NULL;
@@ -318,9 +319,9 @@ static void process_claim(worker *w, const char *rid)
                 atomic_fetch_add(&bw_stats.settled_wallet, 1);
             else
                 atomic_fetch_add(&bw_stats.settled_fallback, 1);
-            atomic_fetch_add(&bw_stats.credits_settled_micro,
-                             (unsigned long long)json_integer_value(
-                                 json_object_get(rec, "amount_micro")));
+            atomic_fetch_add(
+                &bw_stats.credits_settled_micro,
+                (unsigned long long)json_integer_value(json_object_get(rec, "amount_micro")));
         } else {
             bw_record_set_outcome(rec, "rejected", res.via, NULL, NULL, res.reason, bw_now_ms());
             atomic_fetch_add(&bw_stats.rejected, 1);
@@ -443,8 +444,7 @@ static void store_offsets(worker *w, int n)
         rd_kafka_topic_partition_t *tp =
             rd_kafka_topic_partition_list_find(offs, rd_kafka_topic_name(m->rkt), m->partition);
         if (!tp)
-            tp = rd_kafka_topic_partition_list_add(offs, rd_kafka_topic_name(m->rkt),
-                                                   m->partition);
+            tp = rd_kafka_topic_partition_list_add(offs, rd_kafka_topic_name(m->rkt), m->partition);
         if (m->offset + 1 > tp->offset)
             tp->offset = m->offset + 1;
     }
@@ -463,9 +463,9 @@ static int process_batch(worker *w, int n)
 
     for (int i = 0; i < n; i++) {
         rd_kafka_message_t *m = w->msgs[i];
-        bw_event_reason r = bw_event_parse(m->payload ? m->payload : "", m->len,
-                                           (size_t)w->cfg->max_event_bytes, &w->events[i],
-                                           w->detail[i], DETAIL_MAX);
+        bw_event_reason r =
+            bw_event_parse(m->payload ? m->payload : "", m->len, (size_t)w->cfg->max_event_bytes,
+                           &w->events[i], w->detail[i], DETAIL_MAX);
         atomic_fetch_add(&bw_stats.events_consumed, 1);
         w->dead[i] = (int)r;
         if (r == BW_EVR_OK) {
@@ -473,8 +473,8 @@ static int process_batch(worker *w, int n)
             w->valid_idx[nv++] = i;
         }
     }
-    while (nv > 0 && bw_store_apply(w->st, w->valid, (size_t)nv, w->results, err, sizeof(err)) <
-                         0) {
+    while (nv > 0 &&
+           bw_store_apply(w->st, w->valid, (size_t)nv, w->results, err, sizeof(err)) < 0) {
         atomic_store(&bw_stats.ready, 0);
         bw_log(BW_LOG_WARN, "redis unavailable; retrying the batch", "error", err, NULL);
         if (stop_requested)
@@ -497,9 +497,8 @@ static int process_batch(worker *w, int n)
         case BW_APPLY_DUP_CONFLICT:
             atomic_fetch_add(&bw_stats.duplicates, 1);
             atomic_fetch_add(&bw_stats.duplicates_conflicting, 1);
-            bw_log(BW_LOG_WARN, "duplicate with a different payload; the first wins",
-                   "request_id", w->events[i].request_id, "dedup_key",
-                   bw_event_dedup_key(&w->events[i]), NULL);
+            bw_log(BW_LOG_WARN, "duplicate with a different payload; the first wins", "request_id",
+                   w->events[i].request_id, "dedup_key", bw_event_dedup_key(&w->events[i]), NULL);
             break;
         case BW_APPLY_USER_MISMATCH:
             w->dead[i] = BW_EVR_USER_MISMATCH;
@@ -613,7 +612,15 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
     timers.request_timeout_ms = cfg->request_timeout_ms;
     timers.finalize_grace_ms = cfg->finalize_grace_ms;
     timers.retention_ms = cfg->dedup_retention_ms;
-    timers.lease_ms = LEASE_MS;
+    /* A claim outlives the longest settlement attempt (every try at both
+     * services), so two workers rarely settle one request at once; if they
+     * do, both send the same key and amount and the wallet applies it once. */
+    timers.lease_ms =
+        2 * cfg->max_attempts * (cfg->wallet.timeout_ms + cfg->user_service.timeout_ms);
+    if (timers.lease_ms < 5000)
+        timers.lease_ms = 5000;
+    if (timers.lease_ms > 5 * 60 * 1000)
+        timers.lease_ms = 5 * 60 * 1000;
     if (!(w.st = bw_store_new(cfg->redis_url, &timers, err, sizeof(err))) ||
         !(w.se = bw_settle_new(cfg, err, sizeof(err))) ||
         !(w.pb = bw_publish_new(cfg, opts->xprops, opts->n_xprops, on_delivered, &w, err,
@@ -664,9 +671,8 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
         if (e && e != RD_KAFKA_RESP_ERR__NO_OFFSET)
             bw_log(BW_LOG_WARN, "final offset commit failed", "error", rd_kafka_err2str(e), NULL);
         close_consumer(w.rk, deadline - bw_mono_ms() > 1000 ? deadline - bw_mono_ms() : 1000);
-        if (bw_publish_flush(w.pb, (int)(deadline - bw_mono_ms() > 500
-                                             ? deadline - bw_mono_ms()
-                                             : 500)) < 0)
+        if (bw_publish_flush(
+                w.pb, (int)(deadline - bw_mono_ms() > 500 ? deadline - bw_mono_ms() : 500)) < 0)
             bw_log(BW_LOG_WARN, "records still in flight at exit stay in the outbox", NULL);
     }
     rc = 0;

@@ -1,0 +1,408 @@
+/*
+ * test_store.c - the Redis store against a real redis-server that the test
+ * starts on its own port (never the machine's 6379).
+ */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "bw_store.h"
+
+static pid_t redis_pid;
+static int redis_port;
+static char redis_dir[64];
+static int db_counter;
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static int start_redis(void **state)
+{
+    char port[16], cmd[128];
+
+    snprintf(redis_dir, sizeof(redis_dir), "/tmp/bw-test-store-XXXXXX");
+    if (!mkdtemp(redis_dir))
+        return -1;
+    redis_port = 20000 + (getpid() % 20000);
+    snprintf(port, sizeof(port), "%d", redis_port);
+    redis_pid = fork();
+    if (redis_pid == 0) {
+        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--dir",
+               redis_dir, "--save", "", "--appendonly", "no", "--loglevel", "warning",
+               (char *)NULL);
+        _exit(127);
+    }
+    snprintf(cmd, sizeof(cmd), "redis-cli -p %d ping >/dev/null 2>&1", redis_port);
+    for (int i = 0; i < 100; i++) {
+        if (system(cmd) == 0)
+            return 0;
+        sleep_ms(50);
+    }
+    return -1;
+}
+
+static int stop_redis(void **state)
+{
+    char cmd[128];
+    kill(redis_pid, SIGTERM);
+    waitpid(redis_pid, NULL, 0);
+    snprintf(cmd, sizeof(cmd), "rm -rf %s", redis_dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+/* Each test gets its own database, so the tests cannot see each other. */
+static bw_store *new_store(int64_t rto, int64_t grace)
+{
+    char url[64], err[256];
+    bw_store_timers t = {rto, grace, 60000, 2000};
+    bw_store *st;
+
+    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/%d", redis_port, ++db_counter);
+    st = bw_store_new(url, &t, err, sizeof(err));
+    assert_non_null(st);
+    assert_int_equal(bw_store_ping(st), 0);
+    return st;
+}
+
+static bw_event model(const char *rid, const char *user, const char *eid, const char *name,
+                      uint64_t in, uint64_t out)
+{
+    bw_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = BW_EV_MODEL;
+    snprintf(ev.event_id, sizeof(ev.event_id), "%s", eid);
+    snprintf(ev.request_id, sizeof(ev.request_id), "%s", rid);
+    snprintf(ev.user_id, sizeof(ev.user_id), "%s", user);
+    snprintf(ev.name, sizeof(ev.name), "%s", name);
+    ev.usage_shape = BW_USAGE_NATIVE;
+    ev.usage.input = in;
+    ev.usage.output = out;
+    return ev;
+}
+
+static bw_event tool(const char *rid, const char *user, const char *eid, const char *name)
+{
+    bw_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = BW_EV_TOOL;
+    snprintf(ev.event_id, sizeof(ev.event_id), "%s", eid);
+    snprintf(ev.request_id, sizeof(ev.request_id), "%s", rid);
+    snprintf(ev.user_id, sizeof(ev.user_id), "%s", user);
+    snprintf(ev.name, sizeof(ev.name), "%s", name);
+    ev.units = 1;
+    return ev;
+}
+
+static bw_event finalize(const char *rid, const char *user, const char *eid, int has_expected,
+                         uint64_t xm, uint64_t xt)
+{
+    bw_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.type = BW_EV_FINALIZE;
+    snprintf(ev.event_id, sizeof(ev.event_id), "%s", eid);
+    snprintf(ev.request_id, sizeof(ev.request_id), "%s", rid);
+    snprintf(ev.user_id, sizeof(ev.user_id), "%s", user);
+    snprintf(ev.final_status, sizeof(ev.final_status), "completed");
+    ev.has_expected = has_expected;
+    ev.expected_model_calls = xm;
+    ev.expected_tool_calls = xt;
+    return ev;
+}
+
+static void apply(bw_store *st, bw_event *evs, size_t n, int *results)
+{
+    bw_event *ptrs[32];
+    char err[256];
+    for (size_t i = 0; i < n; i++)
+        ptrs[i] = &evs[i];
+    assert_int_equal(bw_store_apply(st, ptrs, n, results, err, sizeof(err)), 0);
+}
+
+static int claim(bw_store *st, char ***rids)
+{
+    return bw_store_claim_due(st, 10, rids);
+}
+
+/* Duplicates within one batch and across batches count once; the first payload wins. */
+static void test_dedup_and_user_mismatch(void **state)
+{
+    bw_store *st = new_store(60000, 5000);
+    bw_event evs[6];
+    int res[6];
+    bw_claim c;
+    char **rids;
+
+    evs[0] = model("r1", "u1", "e1", "gpt-4o", 10, 5);
+    evs[1] = model("r1", "u1", "e1", "gpt-4o", 10, 5);    /* same key, same payload */
+    evs[2] = model("r1", "u1", "e1", "gpt-4o", 999, 999); /* same key, other payload */
+    evs[3] = tool("r1", "u2", "e2", "web_search");        /* another user */
+    evs[4] = tool("r1", "u1", "e3", "web_search");
+    evs[5] = finalize("r1", "u1", "e4", 1, 1, 1);
+    apply(st, evs, 6, res);
+    assert_int_equal(res[0], BW_APPLY_NEW);
+    assert_int_equal(res[1], BW_APPLY_DUP);
+    assert_int_equal(res[2], BW_APPLY_DUP_CONFLICT);
+    assert_int_equal(res[3], BW_APPLY_USER_MISMATCH);
+    assert_int_equal(res[4], BW_APPLY_NEW);
+    assert_int_equal(res[5], BW_APPLY_NEW);
+
+    /* A redelivery of the whole batch changes nothing. */
+    apply(st, evs, 6, res);
+    assert_int_equal(res[0], BW_APPLY_DUP);
+    assert_int_equal(res[4], BW_APPLY_DUP);
+    assert_int_equal(res[5], BW_APPLY_DUP);
+
+    /* expected {1 model, 1 tool} met: due at once. */
+    assert_int_equal(claim(st, &rids), 1);
+    assert_string_equal(rids[0], "r1");
+    assert_int_equal(bw_store_load(st, rids[0], &c), 1);
+    assert_int_equal(c.gen, 0);
+    assert_string_equal(c.finalize, "expected_met");
+    assert_string_equal(c.user_id, "u1");
+    assert_int_equal(c.n_calls, 2);
+    /* The first payload of e1 is the one kept: 10 in, 5 out. */
+    for (size_t i = 0; i < c.n_calls; i++) {
+        if (c.calls[i].type == BW_EV_MODEL) {
+            assert_string_equal(c.calls[i].name, "gpt-4o");
+            assert_int_equal(c.calls[i].usage.input, 10);
+            assert_int_equal(c.calls[i].usage.output, 5);
+            assert_true(c.calls[i].has_usage);
+        } else {
+            assert_string_equal(c.calls[i].name, "web_search");
+            assert_int_equal(c.calls[i].units, 1);
+        }
+    }
+    assert_null(c.intent);
+    bw_claim_free(&c);
+    bw_store_free_strings(rids, 1);
+    bw_store_destroy(st);
+}
+
+/* The idempotency key is the dedup key when present. */
+static void test_idempotency_key_dedup(void **state)
+{
+    bw_store *st = new_store(60000, 5000);
+    bw_event evs[2];
+    int res[2];
+
+    evs[0] = tool("r1", "u1", "e1", "web_search");
+    evs[1] = tool("r1", "u1", "e2", "web_search"); /* a resend with a new event_id */
+    snprintf(evs[0].idempotency_key, sizeof(evs[0].idempotency_key), "call_abc");
+    snprintf(evs[1].idempotency_key, sizeof(evs[1].idempotency_key), "call_abc");
+    apply(st, evs, 2, res);
+    assert_int_equal(res[0], BW_APPLY_NEW);
+    assert_int_equal(res[1], BW_APPLY_DUP);
+    bw_store_destroy(st);
+}
+
+/* Finalize timers: marker -> at once; expected unmet -> after the grace; none -> timeout. */
+static void test_finalize_timers(void **state)
+{
+    bw_store *st = new_store(1000, 300); /* request_timeout 1 s, finalize_grace 300 ms */
+    bw_event evs[5];
+    int res[5];
+    char **rids;
+    bw_claim c;
+
+    evs[0] = model("marker", "u1", "a1", "m", 1, 1);
+    evs[1] = finalize("marker", "u1", "a2", 0, 0, 0);
+    evs[2] = model("incomplete", "u1", "b1", "m", 1, 1);
+    evs[3] = finalize("incomplete", "u1", "b2", 1, 2, 0); /* expects 2 model calls, has 1 */
+    evs[4] = model("nofinal", "u1", "c1", "m", 1, 1);
+    apply(st, evs, 5, res);
+
+    assert_int_equal(claim(st, &rids), 1);
+    assert_string_equal(rids[0], "marker");
+    assert_int_equal(bw_store_load(st, rids[0], &c), 1);
+    assert_string_equal(c.finalize, "marker");
+    bw_claim_free(&c);
+    bw_store_free_strings(rids, 1);
+
+    sleep_ms(500); /* past the grace, well before the timeout */
+    assert_int_equal(claim(st, &rids), 1);
+    assert_string_equal(rids[0], "incomplete");
+    assert_int_equal(bw_store_load(st, rids[0], &c), 1);
+    assert_string_equal(c.finalize, "incomplete");
+    bw_claim_free(&c);
+    bw_store_free_strings(rids, 1);
+
+    sleep_ms(700); /* past the request timeout */
+    assert_int_equal(claim(st, &rids), 1);
+    assert_string_equal(rids[0], "nofinal");
+    assert_int_equal(bw_store_load(st, rids[0], &c), 1);
+    assert_string_equal(c.finalize, "timeout");
+    bw_claim_free(&c);
+    bw_store_free_strings(rids, 1);
+    bw_store_destroy(st);
+}
+
+/* A straggler that meets `expected` makes the request due at once. */
+static void test_expected_met_by_straggler(void **state)
+{
+    bw_store *st = new_store(60000, 60000);
+    bw_event evs[3];
+    int res[3];
+    char **rids;
+    bw_claim c;
+
+    evs[0] = model("r1", "u1", "e1", "m", 1, 1);
+    evs[1] = finalize("r1", "u1", "e3", 1, 2, 0);
+    evs[2] = model("r1", "u1", "e2", "m", 1, 1);
+    apply(st, evs, 2, res);
+    assert_int_equal(claim(st, &rids), 0);
+    bw_store_free_strings(rids, 0);
+    apply(st, evs + 2, 1, res);
+    assert_int_equal(claim(st, &rids), 1);
+    assert_int_equal(bw_store_load(st, rids[0], &c), 1);
+    assert_string_equal(c.finalize, "expected_met");
+    assert_int_equal(c.n_calls, 2);
+    bw_claim_free(&c);
+    bw_store_free_strings(rids, 1);
+    bw_store_destroy(st);
+}
+
+/* The intent is decided once; completing twice is a no-op; late events make an adjustment. */
+static void test_intent_complete_and_late(void **state)
+{
+    bw_store *st = new_store(60000, 200);
+    bw_event evs[3];
+    int res[3];
+    char **rids, *stored;
+    bw_claim c;
+    char **fields, **records;
+    int n;
+
+    evs[0] = model("r/1 x", "u1", "e1", "m", 1, 1);
+    evs[1] = finalize("r/1 x", "u1", "e2", 0, 0, 0);
+    apply(st, evs, 2, res);
+    assert_int_equal(claim(st, &rids), 1);
+    assert_int_equal(bw_store_load(st, "r/1 x", &c), 1);
+    bw_claim_free(&c);
+
+    assert_int_equal(bw_store_put_intent(st, "r/1 x", 0, "{\"amount\":\"1\"}", &stored), 0);
+    assert_string_equal(stored, "{\"amount\":\"1\"}");
+    free(stored);
+    /* A second decision (another worker, other pricing) never replaces the first. */
+    assert_int_equal(bw_store_put_intent(st, "r/1 x", 0, "{\"amount\":\"2\"}", &stored), 0);
+    assert_string_equal(stored, "{\"amount\":\"1\"}");
+    free(stored);
+
+    /* An event arriving now (the charge is closed) is late. */
+    evs[2] = model("r/1 x", "u1", "e3", "m", 7, 7);
+    apply(st, evs + 2, 1, res);
+    assert_int_equal(res[0], BW_APPLY_LATE);
+
+    /* A reload of the claim sees the stored intent and only generation 0's event. */
+    assert_int_equal(bw_store_load(st, "r/1 x", &c), 1);
+    assert_int_equal(c.gen, 0);
+    assert_string_equal(c.intent, "{\"amount\":\"1\"}");
+    assert_int_equal(c.n_calls, 1);
+    assert_int_equal(c.calls[0].usage.input, 1);
+    bw_claim_free(&c);
+
+    assert_int_equal(bw_store_complete(st, "r/1 x", 0, "{\"rec\":0}"), 1);
+    assert_int_equal(bw_store_complete(st, "r/1 x", 0, "{\"rec\":0}"), 0);
+    bw_store_free_strings(rids, 1);
+
+    /* The adjustment becomes due after the grace and holds only the late event. */
+    sleep_ms(300);
+    assert_int_equal(claim(st, &rids), 1);
+    assert_int_equal(bw_store_load(st, "r/1 x", &c), 1);
+    assert_int_equal(c.gen, 1);
+    assert_int_equal(c.n_calls, 1);
+    assert_int_equal(c.calls[0].usage.input, 7);
+    bw_claim_free(&c);
+    assert_int_equal(bw_store_complete(st, "r/1 x", 1, "{\"rec\":1}"), 1);
+    bw_store_free_strings(rids, 1);
+
+    /* Nothing more is due. */
+    assert_int_equal(claim(st, &rids), 0);
+    bw_store_free_strings(rids, 0);
+
+    /* Both records wait in the outbox until acknowledged (min age 0). */
+    n = bw_store_outbox_due(st, 0, 10, &fields, &records);
+    assert_int_equal(n, 2);
+    for (int i = 0; i < n; i++) {
+        assert_true(strcmp(fields[i], "r%2F1%20x:0") == 0 || strcmp(fields[i], "r%2F1%20x:1") == 0);
+        assert_int_equal(bw_store_outbox_done(st, fields[i]), 0);
+    }
+    bw_store_free_strings(fields, (size_t)n);
+    bw_store_free_strings(records, (size_t)n);
+    n = bw_store_outbox_due(st, 0, 10, &fields, &records);
+    assert_int_equal(n, 0);
+    free(fields);
+    free(records);
+    bw_store_destroy(st);
+}
+
+/* A deferred settlement comes back after its delay with the wallet-only flag. */
+static void test_defer(void **state)
+{
+    bw_store *st = new_store(60000, 5000);
+    bw_event evs[2];
+    int res[2];
+    char **rids;
+    bw_claim c;
+
+    evs[0] = tool("r1", "u1", "e1", "web_search");
+    evs[1] = finalize("r1", "u1", "e2", 0, 0, 0);
+    apply(st, evs, 2, res);
+    assert_int_equal(claim(st, &rids), 1);
+    bw_store_free_strings(rids, 1);
+    assert_int_equal(bw_store_load(st, "r1", &c), 1);
+    bw_claim_free(&c);
+    assert_int_equal(bw_store_defer(st, "r1", 0, 200, 1), 0);
+    assert_int_equal(claim(st, &rids), 0);
+    bw_store_free_strings(rids, 0);
+    sleep_ms(300);
+    assert_int_equal(claim(st, &rids), 1);
+    bw_store_free_strings(rids, 1);
+    assert_int_equal(bw_store_load(st, "r1", &c), 1);
+    assert_int_equal(c.wallet_only, 1);
+    assert_int_equal(c.attempts, 1);
+    bw_claim_free(&c);
+    bw_store_destroy(st);
+}
+
+/* After a Redis restart the scripts are loaded again (NOSCRIPT) transparently. */
+static void test_script_reload(void **state)
+{
+    bw_store *st = new_store(60000, 5000);
+    bw_event ev = tool("r1", "u1", "e1", "web_search");
+    int res[1];
+    char cmd[128];
+
+    apply(st, &ev, 1, res);
+    snprintf(cmd, sizeof(cmd), "redis-cli -p %d script flush >/dev/null", redis_port);
+    assert_int_equal(system(cmd), 0);
+    apply(st, &ev, 1, res);
+    assert_int_equal(res[0], BW_APPLY_DUP);
+    bw_store_destroy(st);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_dedup_and_user_mismatch),
+        cmocka_unit_test(test_idempotency_key_dedup),
+        cmocka_unit_test(test_finalize_timers),
+        cmocka_unit_test(test_expected_met_by_straggler),
+        cmocka_unit_test(test_intent_complete_and_late),
+        cmocka_unit_test(test_defer),
+        cmocka_unit_test(test_script_reload),
+    };
+    return cmocka_run_group_tests(tests, start_redis, stop_redis);
+}
