@@ -60,6 +60,7 @@ typedef struct bw_config {
     int max_attempts;
     int64_t retry_max_interval_ms;
     int breaker_failures;
+    int settle_concurrency; /* settler threads per process (extension) [4] */
     int64_t breaker_cooldown_ms;
 
     /* http */

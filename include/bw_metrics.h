@@ -36,6 +36,12 @@ typedef struct bw_metrics {
 
 extern bw_metrics bw_stats;
 
+/**
+ * @brief Replace the per-partition consumer lag table from librdkafka's
+ *        statistics JSON (statistics.interval.ms).
+ */
+void bw_metrics_set_lag_from_stats(const char *json, size_t len);
+
 /** Record one settlement's duration. */
 void bw_metrics_observe_settle(int64_t us);
 

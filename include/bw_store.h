@@ -124,4 +124,10 @@ int bw_store_outbox_done(bw_store *st, const char *field);
 /** Number of requests waiting in bw:due (open, due or pending). */
 long long bw_store_due_count(bw_store *st);
 
+/** Requests whose settlement is overdue (backpressure signal). */
+long long bw_store_overdue_count(bw_store *st);
+
+/** Give a claimed, unstarted settlement back: due again at once. */
+int bw_store_release(bw_store *st, const char *request_id);
+
 #endif

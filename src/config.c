@@ -163,6 +163,8 @@ static const key_spec specs[] = {
     {"settle", "retry_max_interval", K_DURPOS, F(retry_max_interval_ms), NULL, 0, 0, "1m"},
     {"settle", "breaker_failures", K_INT, F(breaker_failures), NULL, 1, INT_MAX, "5"},
     {"settle", "breaker_cooldown", K_DURPOS, F(breaker_cooldown_ms), NULL, 0, 0, "30s"},
+    /* Extension of the contract: settlements in flight at once per process. */
+    {"settle", "concurrency", K_INT, F(settle_concurrency), NULL, 1, 64, "4"},
 
     {"http", "listen", K_STR, F(http_listen), check_listen, 0, 0, "127.0.0.1:9464"},
 

@@ -6,9 +6,58 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <pthread.h>
+
+#include <jansson.h>
+
 #include "bw_metrics.h"
 
 bw_metrics bw_stats;
+
+#define LAG_MAX 256
+
+/* Consumer lag per assigned partition; written by the consumer thread (stats
+ * callback), read by the HTTP thread. */
+static struct lag_entry {
+    char topic[128];
+    int partition;
+    long long lag;
+} lag_table[LAG_MAX];
+static int lag_count;
+static pthread_mutex_t lag_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void bw_metrics_set_lag_from_stats(const char *json, size_t len)
+{
+    json_t *root = json_loadb(json, len, 0, NULL), *topics, *t, *parts, *p;
+    const char *tname, *pname;
+    struct lag_entry tmp[LAG_MAX];
+    int n = 0;
+
+    if (!root)
+        return;
+    topics = json_object_get(root, "topics");
+    json_object_foreach(topics, tname, t)
+    {
+        parts = json_object_get(t, "partitions");
+        json_object_foreach(parts, pname, p)
+        {
+            json_int_t part = json_integer_value(json_object_get(p, "partition"));
+            json_int_t lag = json_integer_value(json_object_get(p, "consumer_lag"));
+            /* -1 is librdkafka's internal UA partition and unknown lags */
+            if (part < 0 || lag < 0 || n == LAG_MAX)
+                continue;
+            snprintf(tmp[n].topic, sizeof(tmp[n].topic), "%s", tname);
+            tmp[n].partition = (int)part;
+            tmp[n].lag = lag;
+            n++;
+        }
+    }
+    json_decref(root);
+    pthread_mutex_lock(&lag_lock);
+    memcpy(lag_table, tmp, sizeof(tmp[0]) * (size_t)n);
+    lag_count = n;
+    pthread_mutex_unlock(&lag_lock);
+}
 
 /* Upper bounds (seconds) of the settlement latency histogram buckets. */
 static const double settle_le[8] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5};
@@ -118,6 +167,13 @@ char *bw_metrics_render(void)
         atomic_load(&bw_stats.pricing_reload_ok));
     put(&b, "billing_worker_pricing_reloads_total{result=\"refused\"} %llu\n",
         atomic_load(&bw_stats.pricing_reload_failed));
+    put(&b, "# HELP billing_worker_consumer_lag Messages behind the partition's end.\n"
+            "# TYPE billing_worker_consumer_lag gauge\n");
+    pthread_mutex_lock(&lag_lock);
+    for (int i = 0; i < lag_count; i++)
+        put(&b, "billing_worker_consumer_lag{topic=\"%s\",partition=\"%d\"} %lld\n",
+            lag_table[i].topic, lag_table[i].partition, lag_table[i].lag);
+    pthread_mutex_unlock(&lag_lock);
     put(&b, "# HELP billing_worker_settlement_seconds Time to settle one charge.\n"
             "# TYPE billing_worker_settlement_seconds histogram\n");
     for (int i = 0; i < 8; i++)

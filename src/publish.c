@@ -183,16 +183,13 @@ int bw_publish_record(bw_publish *pb, const char *request_id, const char *record
 
     if (!field)
         return -1;
-    for (;;) {
-        e = rd_kafka_producev(pb->rk, RD_KAFKA_V_RKT(pb->rkt_settle),
-                              RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-                              RD_KAFKA_V_KEY(request_id, strlen(request_id)),
-                              RD_KAFKA_V_VALUE((void *)record, strlen(record)),
-                              RD_KAFKA_V_OPAQUE(field), RD_KAFKA_V_END);
-        if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL)
-            break;
-        rd_kafka_poll(pb->rk, 100);
-    }
+    /* Called from settler threads too: never poll here (delivery reports
+     * are served by the consumer thread). A full queue is not a loss: the
+     * record is in the Redis outbox and the sweep publishes it again. */
+    e = rd_kafka_producev(
+        pb->rk, RD_KAFKA_V_RKT(pb->rkt_settle), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+        RD_KAFKA_V_KEY(request_id, strlen(request_id)),
+        RD_KAFKA_V_VALUE((void *)record, strlen(record)), RD_KAFKA_V_OPAQUE(field), RD_KAFKA_V_END);
     if (e) {
         /* Stays in the outbox; the periodic sweep publishes it again. */
         bw_log(BW_LOG_WARN, "settlement record produce failed", "request_id", request_id, "error",

@@ -850,3 +850,40 @@ long long bw_store_due_count(bw_store *st)
     freeReplyObject(r);
     return n;
 }
+
+long long bw_store_overdue_count(bw_store *st)
+{
+    redisReply *r;
+    long long n = -1;
+    char now[24];
+
+    if (ensure_connected(st) < 0)
+        return -1;
+    /* The client clock is close enough for a backpressure threshold. */
+    snprintf(now, sizeof(now), "%" PRId64, bw_now_ms());
+    r = redisCommand(st->c, "ZCOUNT %s -inf %s", DUE_KEY, now);
+    if (!r) {
+        drop_connection(st);
+        return -1;
+    }
+    if (r->type == REDIS_REPLY_INTEGER)
+        n = r->integer;
+    freeReplyObject(r);
+    return n;
+}
+
+int bw_store_release(bw_store *st, const char *request_id)
+{
+    redisReply *r;
+
+    if (ensure_connected(st) < 0)
+        return -1;
+    /* Score 0 is in the past for every clock: due again at once. */
+    r = redisCommand(st->c, "ZADD %s XX 0 %s", DUE_KEY, request_id);
+    if (!r) {
+        drop_connection(st);
+        return -1;
+    }
+    freeReplyObject(r);
+    return 0;
+}

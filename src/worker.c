@@ -40,11 +40,13 @@
 #include "bw_worker.h"
 
 #define BATCH_MAX         1000
-#define CLAIM_MAX         32
-#define SETTLE_BUDGET_MS  2000
+#define CLAIM_MAX         8
 #define OUTBOX_MIN_AGE_MS 30000
-#define HOUSEKEEPING_MS   5000
+#define HOUSEKEEPING_MS   1000
 #define DETAIL_MAX        200
+#define IDLE_MS           20   /* settler sleep when nothing is due */
+#define PAUSE_ABOVE       5000 /* overdue settlements: pause consumption above */
+#define RESUME_BELOW      1000 /* and resume below */
 
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t reload_requested;
@@ -60,16 +62,23 @@ static void on_signal(int sig)
     stop_requested = 1;
 }
 
+struct settler;
+
 typedef struct worker {
     bw_config *cfg;
     const bw_worker_opts *opts;
     rd_kafka_t *rk;
     bw_publish *pb;
-    bw_store *st;
-    bw_settle *se;
+    bw_store *st; /* the consumer thread's connection */
     bw_http *http;
-    bw_pricing *pricing;
+    bw_pricing *pricing; /* guarded by pricing_lock (SIGHUP swaps it) */
+    pthread_rwlock_t pricing_lock;
+    bw_store_timers timers;
+    struct settler *settlers;
+    int n_settlers;
     int joined;
+    int paused;
+    int settlers_abandoned; /* still in a wallet call at the shutdown deadline */
 
     /* batch buffers, allocated once */
     rd_kafka_message_t **msgs;
@@ -110,6 +119,25 @@ static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
     }
 }
 
+static int stats_cb(rd_kafka_t *rk, char *json, size_t len, void *opaque)
+{
+    bw_metrics_set_lag_from_stats(json, len);
+    return 0; /* librdkafka frees json */
+}
+
+/*
+ * A settler thread claims due settlements and settles them, with its own
+ * Redis connection and HTTP handles, so that slow wallet calls never hold up
+ * consumption and several settlements are in flight at once.
+ */
+typedef struct settler {
+    worker *w;
+    bw_store *st;
+    bw_settle *se;
+    pthread_t th;
+    int started;
+} settler;
+
 static void on_delivered(void *ctx, const char *field, int ok)
 {
     worker *w = ctx;
@@ -148,6 +176,7 @@ static int consumer_new(worker *w, char *err, size_t errsize)
     }
     rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
     rd_kafka_conf_set_log_cb(conf, bw_kafka_log_cb);
+    rd_kafka_conf_set_stats_cb(conf, stats_cb);
     rd_kafka_conf_set_opaque(conf, w);
     w->rk = rd_kafka_new(RD_KAFKA_CONSUMER, conf, rkerr, sizeof(rkerr));
     if (!w->rk) {
@@ -216,46 +245,53 @@ static int64_t pending_delay(const bw_config *cfg, int attempts)
 }
 
 /* Price a claimed generation and store the result as its intent. */
-static char *decide_intent(worker *w, const bw_claim *c)
+static char *decide_intent(settler *s, const bw_claim *c)
 {
+    worker *w = s->w;
     bw_charge ch;
     bw_record_meta meta = {c->request_id, c->user_id, c->session_id,
                            c->org_id,     c->gen,     c->finalize};
     char err[256], *txt, *stored = NULL;
     json_t *rec;
 
+    /* One pricing version per request: the intent is priced under the read
+     * lock and stored once; later attempts reuse it. */
+    pthread_rwlock_rdlock(&w->pricing_lock);
     if (bw_pricing_price(w->pricing, c->calls, c->n_calls, c->gen == 0, &ch, err, sizeof(err)) <
         0) {
+        pthread_rwlock_unlock(&w->pricing_lock);
         bw_log(BW_LOG_ERROR, "pricing failed", "request_id", c->request_id, "error", err, NULL);
         return NULL;
     }
     rec = bw_record_new(&meta, &ch, w->pricing, "pending");
+    pthread_rwlock_unlock(&w->pricing_lock);
     bw_charge_free(&ch);
     if (!rec)
         return NULL;
     txt = bw_record_dump(rec);
     json_decref(rec);
-    if (txt && bw_store_put_intent(w->st, c->request_id, c->gen, txt, &stored) < 0)
+    if (txt && bw_store_put_intent(s->st, c->request_id, c->gen, txt, &stored) < 0)
         stored = NULL;
     free(txt);
     return stored;
 }
 
 /* Settle one claimed request. */
-static void process_claim(worker *w, const char *rid)
+static void process_claim(settler *s, const char *rid)
 {
+    worker *w = s->w;
     bw_claim c;
     char *intent = NULL, *out = NULL, reason_text[128], enc[BW_ENC_ID_MAX + 1];
     char field[BW_ENC_ID_MAX + 24], gen[16];
     json_t *rec = NULL;
     int64_t t0 = bw_mono_ms() * 1000;
-    int rc = bw_store_load(w->st, rid, &c);
+    int rc = bw_store_load(s->st, rid, &c);
 
     if (rc <= 0)
         return;
-    intent = c.intent ? strdup(c.intent) : decide_intent(w, &c);
+    intent = c.intent ? strdup(c.intent) : decide_intent(s, &c);
     if (!intent || !(rec = json_loads(intent, 0, NULL))) {
-        bw_store_defer(w->st, rid, c.gen, 60000, c.wallet_only);
+        bw_store_defer(s->st, rid, c.gen, 60000, c.wallet_only);
         goto out;
     }
     snprintf(gen, sizeof(gen), "%d", c.gen);
@@ -295,9 +331,9 @@ static void process_claim(worker *w, const char *rid)
         req.completion_tokens = rec_u64(tok, "output");
         req.tokens_used = in + req.completion_tokens;
         req.wallet_only = c.wallet_only;
-        rc = bw_settle_charge(w->se, &req, &res);
+        rc = bw_settle_charge(s->se, &req, &res);
         free(breakdown);
-        atomic_store(&bw_stats.wallet_circuit_open, bw_settle_breaker_open(w->se));
+        atomic_store(&bw_stats.wallet_circuit_open, bw_settle_breaker_open(s->se));
         if (rc < 0 || res.status == BW_SETTLE_PENDING) {
             int64_t delay = pending_delay(w->cfg, c.attempts);
             char d[24];
@@ -307,7 +343,7 @@ static void process_claim(worker *w, const char *rid)
             bw_log(BW_LOG_WARN, "settlement pending", "request_id", rid, "generation", gen,
                    "reason", rc < 0 ? "internal error" : res.reason, "retry_in_ms", d,
                    "outcome_unknown", (rc == 0 && res.outcome_unknown) ? "true" : "false", NULL);
-            bw_store_defer(w->st, rid, c.gen, delay,
+            bw_store_defer(s->st, rid, c.gen, delay,
                            c.wallet_only || (rc == 0 && res.outcome_unknown));
             atomic_fetch_add(&bw_stats.deferred, 1);
             goto out;
@@ -330,7 +366,7 @@ static void process_claim(worker *w, const char *rid)
     out = bw_record_dump(rec);
     if (!out)
         goto out;
-    rc = bw_store_complete(w->st, rid, c.gen, out);
+    rc = bw_store_complete(s->st, rid, c.gen, out);
     if (rc == 1) {
         bw_pct_encode(rid, strlen(rid), enc, sizeof(enc));
         snprintf(field, sizeof(field), "%s:%d", enc, c.gen);
@@ -348,25 +384,65 @@ out:
     bw_claim_free(&c);
 }
 
-static void settle_due(worker *w)
+static void *settler_main(void *arg)
 {
-    int64_t deadline = bw_mono_ms() + SETTLE_BUDGET_MS;
+    settler *s = arg;
     char **rids;
     int n;
 
-    do {
-        n = bw_store_claim_due(w->st, CLAIM_MAX, &rids);
-        if (n <= 0)
-            return;
+    while (!stop_requested) {
+        n = bw_store_claim_due(s->st, CLAIM_MAX, &rids);
+        if (n <= 0) {
+            sleep_ms(n < 0 ? 500 : IDLE_MS);
+            continue;
+        }
         for (int i = 0; i < n; i++) {
-            /* Claimed but not processed (time or stop): the lease expires
-             * and they are claimed again. */
-            if (!stop_requested || i == 0)
-                process_claim(w, rids[i]);
-            bw_publish_poll(w->pb, 0);
+            /* Draining: hand what was claimed but not started back at once. */
+            if (stop_requested)
+                bw_store_release(s->st, rids[i]);
+            else
+                process_claim(s, rids[i]);
         }
         bw_store_free_strings(rids, (size_t)n);
-    } while (n == CLAIM_MAX && !stop_requested && bw_mono_ms() < deadline);
+    }
+    return NULL;
+}
+
+static int settlers_start(worker *w, char *err, size_t errsize)
+{
+    w->n_settlers = w->cfg->settle_concurrency > 0 ? w->cfg->settle_concurrency : 1;
+    w->settlers = calloc((size_t)w->n_settlers, sizeof(*w->settlers));
+    if (!w->settlers)
+        return -1;
+    /* Create every handle before any thread starts (curl_global_init). */
+    for (int i = 0; i < w->n_settlers; i++) {
+        settler *s = &w->settlers[i];
+        s->w = w;
+        if (!(s->st = bw_store_new(w->cfg->redis_url, &w->timers, err, errsize)) ||
+            !(s->se = bw_settle_new(w->cfg, err, errsize)))
+            return -1;
+    }
+    for (int i = 0; i < w->n_settlers; i++) {
+        if (pthread_create(&w->settlers[i].th, NULL, settler_main, &w->settlers[i]) != 0) {
+            bw_seterr(err, errsize, "cannot start settler threads");
+            return -1;
+        }
+        w->settlers[i].started = 1;
+    }
+    return 0;
+}
+
+static void settlers_stop(worker *w)
+{
+    for (int i = 0; w->settlers && i < w->n_settlers; i++) {
+        settler *s = &w->settlers[i];
+        if (s->started)
+            pthread_join(s->th, NULL);
+        bw_settle_destroy(s->se);
+        bw_store_destroy(s->st);
+    }
+    free(w->settlers);
+    w->settlers = NULL;
 }
 
 static void publish_outbox(worker *w)
@@ -405,10 +481,11 @@ static void reload_pricing(worker *w)
     }
     bw_log(BW_LOG_INFO, "pricing reloaded", "old_version", w->pricing->version, "new_version",
            p->version, "sha256", p->sha256, NULL);
-    /* Single-threaded use: no settlement holds the old pointer now. */
+    pthread_rwlock_wrlock(&w->pricing_lock);
     bw_pricing_free(w->pricing);
     w->pricing = p;
     w->cfg->pricing = p;
+    pthread_rwlock_unlock(&w->pricing_lock);
     atomic_fetch_add(&bw_stats.pricing_reload_ok, 1);
 }
 
@@ -576,19 +653,86 @@ static int close_consumer(rd_kafka_t *rk, int64_t timeout_ms)
     return 0;
 }
 
+/* Pause every assigned partition, or resume them (backpressure). */
+static void set_paused(worker *w, int pause, long long overdue)
+{
+    rd_kafka_topic_partition_list_t *parts = NULL;
+    char n[24];
+
+    if (rd_kafka_assignment(w->rk, &parts) || !parts)
+        return;
+    snprintf(n, sizeof(n), "%lld", overdue);
+    if (pause)
+        rd_kafka_pause_partitions(w->rk, parts);
+    else
+        rd_kafka_resume_partitions(w->rk, parts);
+    rd_kafka_topic_partition_list_destroy(parts);
+    w->paused = pause;
+    bw_log(BW_LOG_WARN, pause ? "settlements behind: consumption paused" : "consumption resumed",
+           "overdue_settlements", n, NULL);
+}
+
+static void housekeeping(worker *w)
+{
+    long long due = bw_store_due_count(w->st);
+    long long overdue = bw_store_overdue_count(w->st);
+
+    publish_outbox(w);
+    if (due >= 0)
+        atomic_store(&bw_stats.pending_settlements, due);
+    atomic_store(&bw_stats.ready, due >= 0 && w->joined);
+    if (!w->paused && overdue > PAUSE_ABOVE)
+        set_paused(w, 1, overdue);
+    else if (w->paused && overdue >= 0 && overdue < RESUME_BELOW)
+        set_paused(w, 0, overdue);
+}
+
+/* Wait for the settlers until @p deadline; past it, leave them: their
+ * settlement intents are stored, so another worker resends the same key. */
+static void join_settlers(worker *w, int64_t deadline)
+{
+    for (int i = 0; i < w->n_settlers; i++) {
+        settler *s = &w->settlers[i];
+        int64_t left = deadline - bw_mono_ms();
+        struct timespec ts;
+
+        if (!s->started)
+            continue;
+        if (left < 100)
+            left = 100;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += left / 1000;
+        ts.tv_nsec += (left % 1000) * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        if (pthread_timedjoin_np(s->th, NULL, &ts) != 0) {
+            bw_log(BW_LOG_WARN,
+                   "a settlement is still in flight at the shutdown deadline; "
+                   "it will be completed by a worker later",
+                   NULL);
+            w->settlers_abandoned = 1;
+            return;
+        }
+        s->started = 0;
+    }
+}
+
 int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
 {
     worker w;
     char err[512];
     int rc = 1;
     int64_t next_housekeeping = 0;
-    bw_store_timers timers;
+    bw_store_timers *timers = &w.timers;
     struct sigaction sa;
 
     memset(&w, 0, sizeof(w));
     w.cfg = cfg;
     w.opts = opts;
     w.pricing = cfg->pricing;
+    pthread_rwlock_init(&w.pricing_lock, NULL);
 
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = on_signal;
@@ -609,23 +753,22 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
         goto out;
     }
 
-    timers.request_timeout_ms = cfg->request_timeout_ms;
-    timers.finalize_grace_ms = cfg->finalize_grace_ms;
-    timers.retention_ms = cfg->dedup_retention_ms;
+    timers->request_timeout_ms = cfg->request_timeout_ms;
+    timers->finalize_grace_ms = cfg->finalize_grace_ms;
+    timers->retention_ms = cfg->dedup_retention_ms;
     /* A claim outlives the longest settlement attempt (every try at both
      * services), so two workers rarely settle one request at once; if they
      * do, both send the same key and amount and the wallet applies it once. */
-    timers.lease_ms =
+    timers->lease_ms =
         2 * cfg->max_attempts * (cfg->wallet.timeout_ms + cfg->user_service.timeout_ms);
-    if (timers.lease_ms < 5000)
-        timers.lease_ms = 5000;
-    if (timers.lease_ms > 5 * 60 * 1000)
-        timers.lease_ms = 5 * 60 * 1000;
-    if (!(w.st = bw_store_new(cfg->redis_url, &timers, err, sizeof(err))) ||
-        !(w.se = bw_settle_new(cfg, err, sizeof(err))) ||
+    if (timers->lease_ms < 5000)
+        timers->lease_ms = 5000;
+    if (timers->lease_ms > 5 * 60 * 1000)
+        timers->lease_ms = 5 * 60 * 1000;
+    if (!(w.st = bw_store_new(cfg->redis_url, timers, err, sizeof(err))) ||
         !(w.pb = bw_publish_new(cfg, opts->xprops, opts->n_xprops, on_delivered, &w, err,
                                 sizeof(err))) ||
-        consumer_new(&w, err, sizeof(err)) < 0) {
+        settlers_start(&w, err, sizeof(err)) < 0 || consumer_new(&w, err, sizeof(err)) < 0) {
         bw_log(BW_LOG_ERROR, "start-up failed", "error", err, NULL);
         goto out;
     }
@@ -651,15 +794,10 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
             reload_requested = 0;
             reload_pricing(&w);
         }
-        settle_due(&w);
         bw_publish_poll(w.pb, 0);
         if (bw_mono_ms() >= next_housekeeping) {
-            long long due = bw_store_due_count(w.st);
             next_housekeeping = bw_mono_ms() + HOUSEKEEPING_MS;
-            publish_outbox(&w);
-            if (due >= 0)
-                atomic_store(&bw_stats.pending_settlements, due);
-            atomic_store(&bw_stats.ready, due >= 0);
+            housekeeping(&w);
         }
     }
 
@@ -667,7 +805,10 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
     atomic_store(&bw_stats.draining, 1);
     {
         int64_t deadline = bw_mono_ms() + cfg->shutdown_timeout_ms;
-        rd_kafka_resp_err_t e = rd_kafka_commit(w.rk, NULL, 0);
+        rd_kafka_resp_err_t e;
+
+        join_settlers(&w, deadline);
+        e = rd_kafka_commit(w.rk, NULL, 0);
         if (e && e != RD_KAFKA_RESP_ERR__NO_OFFSET)
             bw_log(BW_LOG_WARN, "final offset commit failed", "error", rd_kafka_err2str(e), NULL);
         close_consumer(w.rk, deadline - bw_mono_ms() > 1000 ? deadline - bw_mono_ms() : 1000);
@@ -684,9 +825,13 @@ out:
         rd_kafka_consumer_close(w.rk);
     if (w.rk)
         rd_kafka_destroy(w.rk);
+    if (!w.settlers_abandoned) {
+        stop_requested = 1;
+        settlers_stop(&w);
+    }
     bw_publish_destroy(w.pb);
-    bw_settle_destroy(w.se);
     bw_store_destroy(w.st);
+    pthread_rwlock_destroy(&w.pricing_lock);
     cfg->pricing = w.pricing;
     free(w.msgs);
     free(w.events);
