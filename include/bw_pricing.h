@@ -93,6 +93,11 @@ typedef struct bw_line {
     uint64_t units;  /* tools */
     bw_usage tokens; /* models */
     bw_dec credits;  /* exact, unrounded */
+    /* The prices this line was charged at, so it can be explained by hand:
+     * credits = calls * credits_per_call + usd * credits_per_usd. */
+    bw_dec credits_per_call;
+    bw_dec usd_per_call;                                /* tools */
+    bw_dec in, out, cache_read, cache_write, reasoning; /* models, USD per Mtok */
 } bw_line;
 
 typedef struct bw_charge {

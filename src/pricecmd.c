@@ -81,44 +81,74 @@ static void sset_free(sset *s)
     free(s->b);
 }
 
-static void print_usage_cell(const bw_usage *u, char *buf, size_t size)
+/* One row of a line's explanation: count x price = USD = credits. */
+static void print_token_row(const bw_pricing *p, const char *what, uint64_t tokens,
+                            const bw_dec *usd_per_mtok)
 {
-    snprintf(buf, size,
-             "in %" PRIu64 "  cache_read %" PRIu64 "  cache_write %" PRIu64 "  out %" PRIu64
-             " (reasoning %" PRIu64 ")",
-             u->input, u->cache_read, u->cache_write, u->output, u->reasoning);
+    char price[BW_DEC_STRMAX], usd_s[BW_DEC_STRMAX], cr_s[BW_DEC_STRMAX];
+    bw_dec usd, credits;
+
+    if (tokens == 0)
+        return;
+    if (bw_dec_mul_u64(&usd, usd_per_mtok, tokens) < 0 || bw_dec_div_pow10(&usd, 6) < 0 ||
+        bw_dec_mul(&credits, &usd, &p->credits_per_usd) < 0)
+        return;
+    bw_dec_normalize(&usd);
+    bw_dec_normalize(&credits);
+    bw_dec_to_str(usd_per_mtok, price, sizeof(price));
+    bw_dec_to_str(&usd, usd_s, sizeof(usd_s));
+    bw_dec_to_str(&credits, cr_s, sizeof(cr_s));
+    printf("      %-12s %12" PRIu64 " tokens x %s USD/Mtok = %s USD = %s credits\n", what, tokens,
+           price, usd_s, cr_s);
+}
+
+static void print_line(const bw_pricing *p, const bw_line *ln)
+{
+    char credits[BW_DEC_STRMAX], a[BW_DEC_STRMAX], b[BW_DEC_STRMAX];
+    int is_model = ln->kind == BW_EV_MODEL;
+
+    bw_dec_to_str(&ln->credits, credits, sizeof(credits));
+    printf("  %-5s %-30s %5" PRIu64 " call%s  %-15s %s credits\n", is_model ? "model" : "tool",
+           ln->name, ln->calls, ln->calls == 1 ? " " : "s", bw_basis_name(ln->basis), credits);
+    if (ln->basis == BW_BASIS_UNBILLED)
+        return;
+    if (is_model) {
+        if (!bw_dec_is_zero(&ln->credits_per_call)) {
+            bw_dec_to_str(&ln->credits_per_call, a, sizeof(a));
+            printf("      %-12s %12" PRIu64 " calls x %s credits\n", "per call", ln->calls, a);
+        }
+        print_token_row(p, "input", ln->tokens.input, &ln->in);
+        print_token_row(p, "cache_read", ln->tokens.cache_read, &ln->cache_read);
+        print_token_row(p, "cache_write", ln->tokens.cache_write, &ln->cache_write);
+        print_token_row(p, "output", ln->tokens.output - ln->tokens.reasoning, &ln->out);
+        print_token_row(p, "reasoning", ln->tokens.reasoning, &ln->reasoning);
+    } else {
+        bw_dec_to_str(&ln->credits_per_call, a, sizeof(a));
+        bw_dec_to_str(&ln->usd_per_call, b, sizeof(b));
+        printf("      %-12s %12" PRIu64 " units x (%s credits + %s USD)\n", "units", ln->units, a,
+               b);
+    }
 }
 
 static void print_table(const preq *r, const bw_charge *ch, const bw_pricing *p,
                         const char *finalize)
 {
-    char amount[BW_DEC_STRMAX], exact[BW_DEC_STRMAX], cost[BW_DEC_STRMAX], credits[BW_DEC_STRMAX];
-    char cell[256];
+    char amount[BW_DEC_STRMAX], exact[BW_DEC_STRMAX], cost[BW_DEC_STRMAX], rate[BW_DEC_STRMAX];
+    char cpu[BW_DEC_STRMAX];
 
     bw_dec_to_str_fixed(&ch->amount, p->precision, amount, sizeof(amount));
     bw_dec_to_str(&ch->exact, exact, sizeof(exact));
     bw_dec_to_str_fixed(&ch->cost_usd, 6, cost, sizeof(cost));
+    bw_dec_to_str(&p->credit_usd, rate, sizeof(rate));
+    bw_dec_to_str(&p->credits_per_usd, cpu, sizeof(cpu));
     printf("request %s  user %s  finalize %s  pricing %s\n", r->request_id, r->user_id, finalize,
            p->version);
-    printf("  %-5s  %-28s %6s  %-16s %s\n", "kind", "name", "calls", "basis", "credits");
-    for (size_t i = 0; i < ch->n_lines; i++) {
-        const bw_line *ln = &ch->lines[i];
-        bw_dec_to_str(&ln->credits, credits, sizeof(credits));
-        printf("  %-5s  %-28s %6" PRIu64 "  %-16s %s\n", ln->kind == BW_EV_MODEL ? "model" : "tool",
-               ln->name, ln->calls, bw_basis_name(ln->basis), credits);
-        if (ln->kind == BW_EV_MODEL && ln->basis != BW_BASIS_PER_CALL &&
-            ln->basis != BW_BASIS_FLAT_FALLBACK) {
-            print_usage_cell(&ln->tokens, cell, sizeof(cell));
-            printf("         tokens: %s\n", cell);
-        } else if (ln->kind == BW_EV_TOOL && ln->units != ln->calls) {
-            printf("         units: %" PRIu64 "\n", ln->units);
-        }
-    }
-    printf("  exact total %s credits; charged %s credits (%s to %d decimals%s) = %s USD at %s "
-           "USD/credit\n\n",
-           exact, amount, bw_rounding_name(p->rounding), p->precision,
-           ch->minimum_applied ? ", minimum applied" : "", cost,
-           (bw_dec_to_str(&p->credit_usd, credits, sizeof(credits)), credits));
+    for (size_t i = 0; i < ch->n_lines; i++)
+        print_line(p, &ch->lines[i]);
+    printf("  total %s credits (exact) -> charged %s credits (%s, %d decimals%s)\n", exact, amount,
+           bw_rounding_name(p->rounding), p->precision,
+           ch->minimum_applied ? ", minimum applied" : "");
+    printf("  cost %s USD at %s USD/credit (1 USD = %s credits)\n\n", cost, rate, cpu);
 }
 
 int bw_price_main(const bw_config *cfg, const char *path, int table)

@@ -1066,6 +1066,13 @@ static bw_line *line_for(bw_charge *c, size_t *cap, bw_event_type kind, const ch
     l->basis = basis;
     strcpy(l->name, name); /* length checked by the caller */
     bw_dec_zero(&l->credits);
+    bw_dec_zero(&l->credits_per_call);
+    bw_dec_zero(&l->usd_per_call);
+    bw_dec_zero(&l->in);
+    bw_dec_zero(&l->out);
+    bw_dec_zero(&l->cache_read);
+    bw_dec_zero(&l->cache_write);
+    bw_dec_zero(&l->reasoning);
     return l;
 }
 
@@ -1081,6 +1088,8 @@ int bw_pricing_price(const bw_pricing *p, const bw_call *calls, size_t n, int ap
         bw_dec cost;
         bw_basis basis;
         bw_line *l;
+        const bw_model_rule *mrule = NULL;
+        const bw_tool_rule *trule = NULL;
         static const bw_usage no_usage;
         const bw_usage *u = &no_usage;
 
@@ -1128,6 +1137,7 @@ int bw_pricing_price(const bw_pricing *p, const bw_call *calls, size_t n, int ap
                 } else {
                     basis = r->has_token_prices ? BW_BASIS_TOKENS : BW_BASIS_PER_CALL;
                 }
+                mrule = r;
                 if (model_cost(p, r, c, &cost) != 0) {
                     bw_seterr(err, errsize, "call %zu (%s): credits overflow", i, c->name);
                     goto err;
@@ -1137,6 +1147,7 @@ int bw_pricing_price(const bw_pricing *p, const bw_call *calls, size_t n, int ap
                 goto overflow;
         } else if (c->type == BW_EV_TOOL) {
             const bw_tool_rule *r = bw_pricing_tool_rule(p, c->name);
+            trule = r;
 
             if (c->units < 1 || c->units > BW_UNITS_MAX) {
                 bw_seterr(err, errsize, "call %zu (%s): units must be 1..%llu", i, c->name,
@@ -1164,6 +1175,21 @@ int bw_pricing_price(const bw_pricing *p, const bw_call *calls, size_t n, int ap
         if (!l) {
             bw_seterr(err, errsize, "out of memory");
             goto err;
+        }
+        /* One line = one name priced one way: its first call's rule says it. */
+        if (l->calls == 0 && mrule) {
+            if (mrule->has_credits_per_call)
+                l->credits_per_call = mrule->credits_per_call;
+            if (mrule->has_token_prices && basis != BW_BASIS_FLAT_FALLBACK) {
+                l->in = mrule->input;
+                l->out = mrule->output;
+                l->cache_read = mrule->cache_read;
+                l->cache_write = mrule->cache_write;
+                l->reasoning = mrule->reasoning;
+            }
+        } else if (l->calls == 0 && trule) {
+            l->credits_per_call = trule->credits_per_call;
+            l->usd_per_call = trule->usd_per_call;
         }
         if (add_u64(&l->calls, 1) != 0 ||
             (c->type == BW_EV_TOOL && add_u64(&l->units, c->units) != 0) ||
