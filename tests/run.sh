@@ -3,7 +3,8 @@
 #   1. deploy/setup.sh --deps-only: packages and Kafka jars (fast when present)
 #   2. build in build/ and run every ctest test: unit (cmocka) and e2e (each e2e
 #      script starts its own Kafka/Redis/reference-services stack on free ports)
-#   3. an ASan+UBSan build in build-asan/ running the unit tests
+#   3. deploy checks (tests/ops) and a bounded libFuzzer run of the event parser
+#   4. an ASan+UBSan build in build-asan/ running the unit and integration tests
 # Usage: bash tests/run.sh [--no-asan]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,10 +26,16 @@ cmake --build build -j2
 echo "==== unit + e2e tests"
 ctest --test-dir build --output-on-failure -j2
 
+echo "==== deploy checks (manifests, unit, dashboard, alerts)"
+bash tests/ops/check_deploy.sh build/billing-worker
+
+echo "==== fuzz the event parser (${BW_FUZZ_SECONDS:=60} s)"
+BW_FUZZ_SECONDS=$BW_FUZZ_SECONDS bash tests/fuzz/run.sh
+
 if ((ASAN)); then
   echo "==== ASan+UBSan build (build-asan/), unit tests"
   cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DBW_SANITIZE=ON
   cmake --build build-asan -j2
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    ctest --test-dir build-asan -L unit --output-on-failure -j2
+    ctest --test-dir build-asan -L 'unit|integration' --output-on-failure -j2
 fi
