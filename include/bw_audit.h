@@ -19,6 +19,10 @@ typedef struct bw_audit_opts {
     const char *request;    /* --request filter, NULL: all */
     char *const *xprops;    /* -X librdkafka properties */
     size_t n_xprops;
+    const char *pricing_dir; /* --pricing-dir DIR: earlier pricing versions (*.cfg), NULL: none */
+    int has_margin;          /* --margin DURATION given; else request_timeout + finalize_grace */
+    int64_t margin_ms;       /* input read before and after the window to complete requests */
+    int shadow;              /* --shadow: only dry_run records count as the outcome */
 } bw_audit_opts;
 
 /**

@@ -8,6 +8,7 @@
 #include <jansson.h>
 
 #include "bw_pricing.h"
+#include "bw_settle.h"
 
 /** What a record says about its request, besides the priced charge. */
 typedef struct bw_record_meta {
@@ -46,6 +47,21 @@ void bw_record_set_outcome(json_t *rec, const char *status, const char *via, con
 
 /** "AI chat: 3 model calls, 1 tool call" */
 void bw_record_reason_text(const bw_charge *ch, char *buf, size_t size);
+
+/**
+ * @brief The wallet request for a priced record: what the worker and
+ *        `replay` send for it (user, request, session, key, amount, cost,
+ *        reason text, breakdown = the record's lines, most used model,
+ *        counts and tokens). wallet_only is left 0 for the caller to set.
+ * @param reason receives "AI chat: 3 model calls, 1 tool call".
+ * @param breakdown receives the lines as compact JSON text (malloc'ed, the
+ *        caller frees it); req->breakdown_json points to it.
+ * @returns 0, or -1 if the record lacks a field or on allocation failure.
+ * @remark The strings of @p req borrow from @p rec, @p reason and *breakdown:
+ *         keep them alive while @p req is used.
+ */
+int bw_record_settle_req(const json_t *rec, bw_settle_req *req, char *reason, size_t reason_size,
+                         char **breakdown);
 
 /** Serialise compactly with keys in insertion order. Caller frees. */
 char *bw_record_dump(const json_t *rec);

@@ -41,8 +41,9 @@ static void usage(FILE *out)
             "  billing-worker [run] -c FILE [-X librdkafka.prop=value ...] [--shadow] [-v|-q]\n"
             "  billing-worker price -c FILE [--format json|table] [EVENTS.jsonl | -]\n"
             "  billing-worker audit -c FILE --from TIME --to TIME [--format table|json|csv]\n"
-            "                 [-o FILE] [--user ID] [--request ID]\n"
-            "  billing-worker replay -c FILE --from TIME --to TIME --settle\n"
+            "                 [-o FILE] [--user ID] [--request ID] [--pricing-dir DIR]\n"
+            "                 [--margin DURATION] [--shadow]\n"
+            "  billing-worker replay -c FILE --from TIME --to TIME --settle [--margin DURATION]\n"
             "  billing-worker check-config -c FILE\n"
             "  billing-worker --version | --help\n");
 }
@@ -92,6 +93,14 @@ int main(int argc, char **argv)
             ao.user = argv[++i];
         } else if (strcmp(a, "--request") == 0 && i + 1 < argc) {
             ao.request = argv[++i];
+        } else if (strcmp(a, "--pricing-dir") == 0 && i + 1 < argc) {
+            ao.pricing_dir = argv[++i];
+        } else if (strcmp(a, "--margin") == 0 && i + 1 < argc) {
+            if (bw_parse_duration(argv[++i], &ao.margin_ms) < 0) {
+                fprintf(stderr, "billing-worker: --margin expects a duration (\"15m\", \"0s\")\n");
+                return 2;
+            }
+            ao.has_margin = 1;
         } else if (strcmp(a, "--settle") == 0) {
             settle = 1;
         } else if (strcmp(a, "--shadow") == 0) {
@@ -121,8 +130,9 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "audit") == 0 || strcmp(cmd, "replay") == 0) {
         if (!from || !to || parse_time(from, &ao.from_ms) < 0 || parse_time(to, &ao.to_ms) < 0 ||
             ao.to_ms <= ao.from_ms) {
-            fprintf(stderr, "billing-worker %s: --from and --to must be RFC 3339 times or epoch "
-                            "milliseconds, from before to\n",
+            fprintf(stderr,
+                    "billing-worker %s: --from and --to must be RFC 3339 times or epoch "
+                    "milliseconds, from before to\n",
                     cmd);
             return 2;
         }
@@ -138,6 +148,7 @@ int main(int argc, char **argv)
             return 2;
         }
         ao.format = format;
+        ao.shadow = shadow;
         ao.xprops = xprops;
         ao.n_xprops = n_xprops;
     } else {

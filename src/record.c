@@ -1,7 +1,9 @@
 /*
  * record.c - build settlement records (PRODUCT.md section 5).
  */
+#include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bw_record.h"
@@ -120,11 +122,81 @@ void bw_record_set_outcome(json_t *rec, const char *status, const char *via, con
     json_object_set_new(rec, "settled_at", json_string(ts));
 }
 
+static void reason_text(uint64_t model_calls, uint64_t tool_calls, char *buf, size_t size)
+{
+    snprintf(buf, size, "AI chat: %" PRIu64 " model call%s, %" PRIu64 " tool call%s", model_calls,
+             model_calls == 1 ? "" : "s", tool_calls, tool_calls == 1 ? "" : "s");
+}
+
 void bw_record_reason_text(const bw_charge *ch, char *buf, size_t size)
 {
-    snprintf(buf, size, "AI chat: %llu model call%s, %llu tool call%s",
-             (unsigned long long)ch->model_calls, ch->model_calls == 1 ? "" : "s",
-             (unsigned long long)ch->tool_calls, ch->tool_calls == 1 ? "" : "s");
+    reason_text(ch->model_calls, ch->tool_calls, buf, size);
+}
+
+static const char *rec_str(const json_t *rec, const char *key)
+{
+    return json_string_value(json_object_get(rec, key));
+}
+
+static uint64_t rec_u64(const json_t *rec, const char *key)
+{
+    json_int_t v = json_integer_value(json_object_get(rec, key));
+    return v > 0 ? (uint64_t)v : 0;
+}
+
+/* The model with the most calls (the first of equals), for model_name. */
+static const char *main_model(const json_t *rec)
+{
+    const json_t *ln;
+    const char *best = NULL;
+    json_int_t best_calls = -1;
+    size_t i;
+
+    json_array_foreach(json_object_get(rec, "lines"), i, ln)
+    {
+        const char *kind = rec_str(ln, "kind");
+        json_int_t calls = json_integer_value(json_object_get(ln, "calls"));
+        if (kind && strcmp(kind, "model") == 0 && calls > best_calls && rec_str(ln, "name")) {
+            best = rec_str(ln, "name");
+            best_calls = calls;
+        }
+    }
+    return best;
+}
+
+int bw_record_settle_req(const json_t *rec, bw_settle_req *req, char *reason, size_t reason_size,
+                         char **breakdown)
+{
+    const json_t *tok = json_object_get(rec, "tokens");
+    uint64_t in;
+
+    memset(req, 0, sizeof(*req));
+    *breakdown = NULL;
+    req->user_id = rec_str(rec, "user_id");
+    req->request_id = rec_str(rec, "request_id");
+    req->idempotency_key = rec_str(rec, "idempotency_key");
+    req->amount = rec_str(rec, "amount_credits");
+    req->cost_usd = rec_str(rec, "cost_usd");
+    if (!req->user_id || !req->request_id || !req->idempotency_key || !req->amount ||
+        !req->cost_usd)
+        return -1;
+    req->session_id = rec_str(rec, "session_id"); /* NULL when null */
+    if (req->session_id && !*req->session_id)
+        req->session_id = NULL;
+    req->model_calls = rec_u64(rec, "model_calls");
+    req->tool_calls = rec_u64(rec, "tool_calls");
+    reason_text(req->model_calls, req->tool_calls, reason, reason_size);
+    req->reason = reason;
+    *breakdown = json_dumps(json_object_get(rec, "lines"), JSON_COMPACT | JSON_PRESERVE_ORDER);
+    if (!*breakdown)
+        return -1;
+    req->breakdown_json = *breakdown;
+    req->model_name = main_model(rec);
+    in = rec_u64(tok, "input") + rec_u64(tok, "cache_read") + rec_u64(tok, "cache_write");
+    req->prompt_tokens = in;
+    req->completion_tokens = rec_u64(tok, "output");
+    req->tokens_used = in + req->completion_tokens;
+    return 0;
 }
 
 char *bw_record_dump(const json_t *rec)

@@ -211,30 +211,6 @@ static const char *rec_str(const json_t *rec, const char *key)
     return s ? s : "";
 }
 
-static uint64_t rec_u64(const json_t *rec, const char *key)
-{
-    return (uint64_t)json_integer_value(json_object_get(rec, key));
-}
-
-/* The model with the most calls, for the user service's model_name. */
-static const char *main_model(const json_t *rec)
-{
-    const json_t *lines = json_object_get(rec, "lines"), *ln;
-    const char *best = NULL;
-    json_int_t best_calls = -1;
-    size_t i;
-
-    json_array_foreach(lines, i, ln)
-    {
-        if (strcmp(rec_str(ln, "kind"), "model") == 0 &&
-            json_integer_value(json_object_get(ln, "calls")) > best_calls) {
-            best = rec_str(ln, "name");
-            best_calls = json_integer_value(json_object_get(ln, "calls"));
-        }
-    }
-    return best;
-}
-
 /* Exponential backoff for pending settlements: 1 s, 2 s, 4 s ... capped. */
 static int64_t pending_delay(const bw_config *cfg, int attempts)
 {
@@ -307,29 +283,12 @@ static void process_claim(settler *s, const char *rid)
     } else {
         bw_settle_req req;
         bw_settle_result res;
-        const json_t *tok = json_object_get(rec, "tokens");
-        char *breakdown = json_dumps(json_object_get(rec, "lines"), JSON_COMPACT);
-        uint64_t in =
-            rec_u64(tok, "input") + rec_u64(tok, "cache_read") + rec_u64(tok, "cache_write");
+        char *breakdown = NULL;
 
-        memset(&req, 0, sizeof(req));
-        snprintf(reason_text, sizeof(reason_text),
-                 "AI chat: %" PRIu64 " model calls, %" PRIu64 " tool calls",
-                 rec_u64(rec, "model_calls"), rec_u64(rec, "tool_calls"));
-        req.user_id = c.user_id;
-        req.request_id = rid;
-        req.session_id = c.session_id[0] ? c.session_id : NULL;
-        req.idempotency_key = rec_str(rec, "idempotency_key");
-        req.amount = rec_str(rec, "amount_credits");
-        req.cost_usd = rec_str(rec, "cost_usd");
-        req.reason = reason_text;
-        req.breakdown_json = breakdown ? breakdown : "[]";
-        req.model_name = main_model(rec);
-        req.model_calls = rec_u64(rec, "model_calls");
-        req.tool_calls = rec_u64(rec, "tool_calls");
-        req.prompt_tokens = in;
-        req.completion_tokens = rec_u64(tok, "output");
-        req.tokens_used = in + req.completion_tokens;
+        if (bw_record_settle_req(rec, &req, reason_text, sizeof(reason_text), &breakdown) < 0) {
+            bw_store_defer(s->st, rid, c.gen, 60000, c.wallet_only);
+            goto out;
+        }
         req.wallet_only = c.wallet_only;
         rc = bw_settle_charge(s->se, &req, &res);
         free(breakdown);
@@ -393,6 +352,7 @@ static void *settler_main(void *arg)
     while (!stop_requested) {
         n = bw_store_claim_due(s->st, CLAIM_MAX, &rids);
         if (n <= 0) {
+            free(rids);
             sleep_ms(n < 0 ? 500 : IDLE_MS);
             continue;
         }
