@@ -137,6 +137,7 @@ def main():
             say("worker ready (/readyz) after %.1f s" % (time.monotonic() - t0))
         except TimeoutError:
             say("worker not ready after 30 s: publishing anyway")
+        published_ms = int(time.time() * 1000)
         stack.produce(lines)
         say("published %d events (%d requests of %d users, %d malformed, some duplicates) to %s"
             % (len(lines), len(requests), len({r["user_id"] for r in requests}),
@@ -169,6 +170,18 @@ def main():
     # 5. summary
     dlq_new = len(stack.consume(stack.dlq_topic)) - dlq_before
     print_summary(records, wanted, dlq_new, args.malformed, time.monotonic() - t0, stack, d)
+
+    # 6. an audit of this run: recompute every charge from the input topic
+    # and reconcile it with the settlements topic (never charges)
+    if ok:
+        frm, to = published_ms - 1000, int(time.time() * 1000) + 1000
+        print()
+        print("== audit of this run: billing-worker audit -c %s --from %d --to %d ==" % (cfg, frm, to))
+        audit = subprocess.run([str(binary), "audit", "-c", str(cfg), "--from", str(frm),
+                                "--to", str(to), "--margin", "0s", "--format", "table"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        print(audit.stdout.rstrip())
+        print("(audit exit code %d: 0 = every charge matched)" % audit.returncode)
     return 0 if ok else 1
 
 
