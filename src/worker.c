@@ -41,7 +41,7 @@
 
 #define BATCH_MAX         1000
 #define CLAIM_MAX         8
-#define OUTBOX_MIN_AGE_MS 30000
+#define OUTBOX_MIN_AGE_MS 10000
 #define HOUSEKEEPING_MS   1000
 #define DETAIL_MAX        200
 #define IDLE_MS           20   /* settler sleep when nothing is due */
