@@ -1089,6 +1089,7 @@ int bw_pricing_price(const bw_pricing *p, const bw_call *calls, size_t n, int ap
         bw_basis basis;
         bw_line *l;
         const bw_model_rule *mrule = NULL;
+        bw_model_rule lr; /* LiteLLM prices as a rule: mrule may point here */
         const bw_tool_rule *trule = NULL;
         static const bw_usage no_usage;
         const bw_usage *u = &no_usage;
@@ -1101,7 +1102,6 @@ int bw_pricing_price(const bw_pricing *p, const bw_call *calls, size_t n, int ap
         if (c->type == BW_EV_MODEL) {
             size_t idx = model_rule_index(p, c->name);
             const bw_model_rule *r = &p->models[idx];
-            bw_model_rule lr;
             const bw_litellm_entry *e = NULL;
 
             if (c->has_usage) {
