@@ -38,6 +38,12 @@ Semantics:
     when the balance is below the amount (the key's recorded outcome).
   * --token-secret: every service call needs "Authorization: Bearer <HS256 JWT>"
     with a "sub" and an unexpired "exp", else 401.
+  * --tls-cert FILE --tls-key FILE: the wallet and user ports speak HTTPS (the
+    control port stays plain HTTP); --tls-client-ca FILE also requires a client
+    certificate signed by that CA. The TLS handshake runs in the connection's
+    thread; a failed one is logged ("TLS handshake failed") and counted
+    (stats.tls_failures). With TLS, each call log entry has "client_cert": the
+    subject CN of the client's certificate (null without one).
 
 Fault injection, POST /_control/faults with one object (replaces the target's
 faults; "append": true adds to them) or a list (applied in order per target):
@@ -70,6 +76,7 @@ import json
 import re
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -185,6 +192,7 @@ class Service:
                 return
             srv = Server((self.host, self.port), self.handler)
             srv.service = self
+            srv.ssl_context = TLS_CONTEXT if self.name in TARGETS else None
             self.server = srv
             threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
                              name="serve-%s" % self.name, daemon=True).start()
@@ -217,6 +225,31 @@ class Server(ThreadingHTTPServer):
     block_on_close = False
     request_queue_size = 128
     allow_reuse_address = True
+    ssl_context = None  # set per service: HTTPS on the wallet and user ports
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            # The handshake happens in the connection's thread (Handler.setup),
+            # so a slow or failing client never holds up the accept loop.
+            sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, addr
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError) or getattr(exc, "tls_handshake", False):
+            if STATE is not None:
+                with STATE.lock:
+                    STATE.stats["tls_failures"] = STATE.stats.get("tls_failures", 0) + 1
+            log("%s: TLS handshake failed with %s:%s: %s"
+                % (getattr(self.service, "name", "?"), client_address[0],
+                   client_address[1], exc))
+            return
+        super().handle_error(request, client_address)
+
+
+TLS_CONTEXT = None  # ssl.SSLContext for the wallet and user ports (--tls-cert)
 
 
 class State:
@@ -242,7 +275,8 @@ class State:
         self.token_secret = self.args.token_secret
         self.stats = dict.fromkeys(
             ("calls", "applied", "replays", "key_conflicts", "insufficient", "in_flight",
-             "faults_injected", "unauthorized", "records", "record_replays", "invalid"), 0)
+             "faults_injected", "unauthorized", "records", "record_replays", "invalid",
+             "tls_failures"), 0)
 
     # -- faults ---------------------------------------------------------------
     def set_faults(self, specs):
@@ -314,6 +348,19 @@ class State:
 STATE = None  # set in main()
 
 
+def client_cn(conn):
+    """Subject CN of the TLS peer's (verified) certificate, or None."""
+    try:
+        cert = conn.getpeercert()
+    except (ValueError, OSError):
+        return None
+    for rdn in (cert or {}).get("subject", ()):
+        for k, v in rdn:
+            if k == "commonName":
+                return v
+    return None
+
+
 def parse_path_template(template):
     """'/api/v1/users/{user_id}/credits/consume' -> compiled regex on the raw path."""
     parts = template.split("{user_id}")
@@ -329,6 +376,14 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- connection bookkeeping (for `refuse`) ----------------------------------
     def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(10)
+            try:
+                self.request.do_handshake()
+            except (ssl.SSLError, OSError) as e:
+                e.tls_handshake = True
+                raise
+            self.request.settimeout(None)
         super().setup()
         svc = getattr(self.server, "service", None)
         if svc is not None:
@@ -500,6 +555,8 @@ class Handler(BaseHTTPRequestHandler):
         call = {"service": svc, "method": method, "path": self.path, "key": key,
                 "status": None, "outcome": None, "time": now_iso(),
                 "authorization": self.headers.get("Authorization") is not None}
+        if isinstance(self.connection, ssl.SSLSocket):
+            call["client_cert"] = client_cn(self.connection)
         with st.lock:
             st.calls.append(call)
             st.stats["calls"] += 1
@@ -686,7 +743,22 @@ def main():
                     help='legacy: {"data": {"remaining_balance": ...}, "transaction_id": ...}')
     ap.add_argument("--token-secret", help="require an HS256 JWT signed with this secret")
     ap.add_argument("--token-secret-file", help="the same, read from a file")
+    ap.add_argument("--tls-cert", help="HTTPS on the wallet and user ports: the server "
+                                       "certificate (PEM, chain after it)")
+    ap.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    ap.add_argument("--tls-client-ca", help="require a client certificate signed by this CA "
+                                            "(PEM) on the wallet and user ports")
     args = ap.parse_args()
+    global TLS_CONTEXT
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            ap.error("--tls-cert and --tls-key go together (and --tls-client-ca needs them)")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            ctx.load_verify_locations(cafile=args.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        TLS_CONTEXT = ctx
     if args.token_secret_file:
         with open(args.token_secret_file) as f:
             args.token_secret = f.read().strip()

@@ -976,9 +976,17 @@ static int consul_refresh(bw_settle *s, settle_service *svc, const char *request
         if ((found[nfound] = strdup(base)) != NULL)
             nfound++;
     }
+    if (!json_is_array(arr)) {
+        bw_log(BW_LOG_WARN, "consul answer is not a list", "request_id", request_id, "service",
+               svc->consul_name, NULL);
+        goto out;
+    }
     if (nfound == 0) {
+        /* Consul answered: nothing passes. Forget the cached instances, so
+         * the service counts as not delivered rather than called anyway. */
         bw_log(BW_LOG_WARN, "consul lists no passing instance", "request_id", request_id, "service",
                svc->consul_name, NULL);
+        consul_clear(svc);
         goto out;
     }
     consul_clear(svc);

@@ -154,7 +154,8 @@ static int consumer_new(worker *w, char *err, size_t errsize)
     static const char *defaults[] = {
         "enable.auto.offset.store=false",   "enable.auto.commit=true",
         "auto.offset.reset=earliest",       "partition.assignment.strategy=cooperative-sticky",
-        "queued.max.messages.kbytes=16384", "enable.partition.eof=false"};
+        "queued.max.messages.kbytes=16384", "enable.partition.eof=false",
+        "statistics.interval.ms=5000" /* consumer lag for /metrics */};
 
     if (rd_kafka_conf_set(conf, "bootstrap.servers", cfg->brokers, rkerr, sizeof(rkerr)) ||
         rd_kafka_conf_set(conf, "group.id", cfg->group_id, rkerr, sizeof(rkerr))) {
