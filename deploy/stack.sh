@@ -154,7 +154,16 @@ check_ports_free() { # check_ports_free NAME PORT...
   shift
   for p in "$@"; do
     if port_busy "$p"; then
-      fail "$name" "port $p is already in use by another process (set BW_*_PORT to move $name)"
+      local var
+      case $name:$p in
+        kafka:"$BW_KAFKA_PORT") var=BW_KAFKA_PORT ;;
+        kafka:*) var=BW_KAFKA_CONTROLLER_PORT ;;
+        redis:*) var=BW_REDIS_PORT ;;
+        *:"$BW_WALLET_PORT") var=BW_WALLET_PORT ;;
+        *:"$BW_USER_PORT") var=BW_USER_PORT ;;
+        *) var=BW_CONTROL_PORT ;;
+      esac
+      fail "$name" "port $p is already in use by another process (set $var to move it)"
     fi
   done
 }

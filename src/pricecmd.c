@@ -125,8 +125,8 @@ static void print_line(const bw_pricing *p, const bw_line *ln)
     } else {
         bw_dec_to_str(&ln->credits_per_call, a, sizeof(a));
         bw_dec_to_str(&ln->usd_per_call, b, sizeof(b));
-        printf("      %-12s %12" PRIu64 " units x (%s credits + %s USD)\n", "units", ln->units, a,
-               b);
+        printf("      %-12s %12" PRIu64 " unit%s x (%s credits + %s USD)\n", "units", ln->units,
+               ln->units == 1 ? "" : "s", a, b);
     }
 }
 
