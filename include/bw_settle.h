@@ -37,6 +37,11 @@ typedef struct bw_settle_req {
     /* 1: the previous attempt of this very charge may have reached the wallet
      * (outcome unknown): the fallback must never be used for it. */
     int wallet_only;
+    /* Optional: asked right before the fallback is used; 0 withholds it
+     * (the charge stays PENDING, outcome_unknown = 1). The worker checks in
+     * Redis that no other attempt began and none saw an unknown outcome. */
+    int (*fallback_allowed)(void *ctx);
+    void *fallback_ctx;
 } bw_settle_req;
 
 typedef struct bw_settle_result {

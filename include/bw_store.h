@@ -107,6 +107,24 @@ int bw_store_put_intent(bw_store *st, const char *request_id, int gen, const cha
  */
 int bw_store_complete(bw_store *st, const char *request_id, int gen, const char *record);
 
+/**
+ * @brief Record that an attempt to settle generation @p gen starts. Must
+ *        succeed before any service is called: until bw_store_defer() or
+ *        bw_store_complete() records the attempt's outcome, a later load
+ *        reports wallet_only (the wallet may have applied it).
+ * @returns the attempt's number (>= 1) to go ahead, 0 if the generation is
+ *          settled already, -1 on error.
+ */
+long long bw_store_begin_attempt(bw_store *st, const char *request_id, int gen);
+
+/**
+ * @brief 1 when attempt @p attempt is still the latest attempt of the
+ *        generation and no attempt recorded an unknown wallet outcome: only
+ *        then may the fallback be used. 0 otherwise, and when Redis does not
+ *        answer (the safe side).
+ */
+int bw_store_fallback_ok(bw_store *st, const char *request_id, int gen, long long attempt);
+
 /** Keep the settlement pending: retry in @p delay_ms, remember wallet_only. */
 int bw_store_defer(bw_store *st, const char *request_id, int gen, int64_t delay_ms,
                    int wallet_only);

@@ -1423,6 +1423,15 @@ int bw_settle_charge(bw_settle *s, const bw_settle_req *req, bw_settle_result *r
         rc = 0; /* no fallback configured: pending, retried later at the wallet */
         goto out;
     }
+    if (req->fallback_allowed && !req->fallback_allowed(req->fallback_ctx)) {
+        /* Another attempt at this charge began meanwhile, or one recorded an
+         * unknown wallet outcome: the wallet may hold it. */
+        snprintf(res->reason, sizeof(res->reason),
+                 "fallback withheld: another attempt at this charge may have reached the wallet");
+        res->outcome_unknown = 1;
+        rc = 0;
+        goto out;
+    }
 
     /* 2. the fallback: record the usage, then consume with its id and the same key */
     snprintf(res->via, sizeof(res->via), "user_service");

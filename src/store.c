@@ -25,6 +25,7 @@
     "local t = redis.call('TIME')\n"                                                               \
     "local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
+/* clang-format off */
 /*
  * APPLY. KEYS[1] = due; per event i: KEYS[2i] = meta, KEYS[2i+1] = events.
  * ARGV[1] = request_timeout_ms, ARGV[2] = finalize_grace_ms; per event 8 args:
@@ -154,10 +155,12 @@ static const char *lua_load = NOW_MS_LUA
     "  redis.call('HSET', s, done .. ':f', reason)\n"
     "end\n"
     "redis.call('HSET', m, 'cu', now + tonumber(ARGV[2]))\n"
+    "redis.call('ZADD', due, 'XX', now + tonumber(ARGV[2]), ARGV[1])\n"
+    "local wo = redis.call('HGET', s, done .. ':wo') or '0'\n"
+    "if redis.call('HEXISTS', s, done .. ':ip') == 1 then wo = '1' end\n"
     "local res = {1, done, redis.call('HGET', m, 'user'), redis.call('HGET', m, 'sess') or '',\n"
     "             redis.call('HGET', m, 'org') or '', redis.call('HGET', s, done .. ':f') or '',\n"
-    "             redis.call('HGET', s, done .. ':i') or '', redis.call('HGET', s, done .. ':wo') "
-    "or '0',\n"
+    "             redis.call('HGET', s, done .. ':i') or '', wo,\n"
     "             redis.call('HGET', s, done .. ':a') or '0'}\n"
     "local prefix = done .. '|'\n"
     "local all = redis.call('HGETALL', e)\n"
@@ -179,8 +182,7 @@ static const char *lua_complete = NOW_MS_LUA
     "local m, e, s, due, ob, obz = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]\n"
     "local gen = tonumber(ARGV[2])\n"
     "if tonumber(redis.call('HGET', m, 'done') or '-1') ~= gen then return 0 end\n"
-    "redis.call('HSET', s, gen .. ':r', ARGV[3])\n"
-    "redis.call('HDEL', s, gen .. ':wo', gen .. ':a')\n"
+    "redis.call('HDEL', s, gen .. ':i', gen .. ':wo', gen .. ':a', gen .. ':ip', gen .. ':n')\n"
     "redis.call('HSET', m, 'done', gen + 1)\n"
     "redis.call('HDEL', m, 'cu')\n"
     "redis.call('HSET', ob, ARGV[6], ARGV[3])\n"
@@ -194,14 +196,41 @@ static const char *lua_complete = NOW_MS_LUA
     "return 1\n";
 
 /* DEFER. KEYS = meta, settlements, due. ARGV = request id, gen, delay_ms, wallet_only. */
-static const char *lua_defer =
-    NOW_MS_LUA "if tonumber(redis.call('HGET', KEYS[1], 'done') or '-1') ~= tonumber(ARGV[2]) then "
-               "return 0 end\n"
-               "if ARGV[4] == '1' then redis.call('HSET', KEYS[2], ARGV[2] .. ':wo', '1') end\n"
-               "redis.call('HINCRBY', KEYS[2], ARGV[2] .. ':a', 1)\n"
-               "redis.call('HDEL', KEYS[1], 'cu')\n"
-               "redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])\n"
-               "return 1\n";
+static const char *lua_defer = NOW_MS_LUA
+    "if tonumber(redis.call('HGET', KEYS[1], 'done') or '-1') ~= tonumber(ARGV[2]) then\n"
+    "  return 0\n"
+    "end\n"
+    "if ARGV[4] == '1' then redis.call('HSET', KEYS[2], ARGV[2] .. ':wo', '1') end\n"
+    "redis.call('HINCRBY', KEYS[2], ARGV[2] .. ':a', 1)\n"
+    "redis.call('HDEL', KEYS[2], ARGV[2] .. ':ip')\n"
+    "redis.call('HDEL', KEYS[1], 'cu')\n"
+    "redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])\n"
+    "return 1\n";
+
+/*
+ * BEGIN. KEYS = meta, settlements. ARGV = gen. Marks an attempt in progress
+ * before any service is called: if its outcome is never recorded (a crash, a
+ * stall past the lease, a write Redis lost), the next attempt must treat the
+ * wallet's outcome as unknown. Returns 0 if the generation is settled.
+ */
+static const char *lua_begin =
+    "if tonumber(redis.call('HGET', KEYS[1], 'done') or '-1') ~= tonumber(ARGV[1]) then\n"
+    "  return 0\n"
+    "end\n"
+    "redis.call('HSET', KEYS[2], ARGV[1] .. ':ip', '1')\n"
+    "return redis.call('HINCRBY', KEYS[2], ARGV[1] .. ':n', 1)\n";
+
+/*
+ * FALLBACK_OK. KEYS = settlements, due. ARGV = gen, attempt number, request
+ * id, lease_ms. 1 when the attempt is still the latest one and no attempt
+ * recorded an unknown outcome; the lease is then renewed, so that no other
+ * worker begins an attempt while the fallback call runs.
+ */
+static const char *lua_fallback_ok = NOW_MS_LUA
+    "if redis.call('HGET', KEYS[1], ARGV[1] .. ':n') ~= ARGV[2] then return 0 end\n"
+    "if redis.call('HGET', KEYS[1], ARGV[1] .. ':wo') == '1' then return 0 end\n"
+    "redis.call('ZADD', KEYS[2], 'XX', now + tonumber(ARGV[4]), ARGV[3])\n"
+    "return 1\n";
 
 /* OUTBOX_DUE. KEYS = outbox, outbox zset. ARGV = min_age_ms, max. */
 static const char *lua_outbox_due = NOW_MS_LUA
@@ -220,10 +249,24 @@ static const char *lua_outbox_due = NOW_MS_LUA
     "end\n"
     "return res\n";
 
-enum { S_APPLY, S_CLAIM, S_LOAD, S_INTENT, S_COMPLETE, S_DEFER, S_OUTBOX_DUE, S_COUNT };
+/* clang-format on */
 
-static const char **const scripts[S_COUNT] = {
-    &lua_apply, &lua_claim, &lua_load, &lua_intent, &lua_complete, &lua_defer, &lua_outbox_due};
+enum {
+    S_APPLY,
+    S_CLAIM,
+    S_LOAD,
+    S_INTENT,
+    S_COMPLETE,
+    S_DEFER,
+    S_OUTBOX_DUE,
+    S_BEGIN,
+    S_FALLBACK_OK,
+    S_COUNT
+};
+
+static const char **const scripts[S_COUNT] = {&lua_apply,      &lua_claim,    &lua_load,
+                                              &lua_intent,     &lua_complete, &lua_defer,
+                                              &lua_outbox_due, &lua_begin,    &lua_fallback_ok};
 
 struct bw_store {
     redisContext *c;
@@ -760,6 +803,56 @@ int bw_store_complete(bw_store *st, const char *request_id, int gen, const char 
     rc = (int)r->integer;
     freeReplyObject(r);
     return rc;
+}
+
+long long bw_store_begin_attempt(bw_store *st, const char *request_id, int gen)
+{
+    char enc[BW_ENC_ID_MAX + 1], km[KEY_MAX], ks[KEY_MAX], g[16];
+    const char *argv[3];
+    redisReply *r;
+    long long rc;
+
+    bw_pct_encode(request_id, strlen(request_id), enc, sizeof(enc));
+    request_key(km, sizeof(km), enc, 'm');
+    request_key(ks, sizeof(ks), enc, 's');
+    snprintf(g, sizeof(g), "%d", gen);
+    argv[0] = km;
+    argv[1] = ks;
+    argv[2] = g;
+    r = run_script(st, S_BEGIN, 2, 3, argv, NULL);
+    if (!r || r->type != REDIS_REPLY_INTEGER) {
+        if (r)
+            freeReplyObject(r);
+        return -1;
+    }
+    rc = r->integer;
+    freeReplyObject(r);
+    return rc;
+}
+
+int bw_store_fallback_ok(bw_store *st, const char *request_id, int gen, long long attempt)
+{
+    char enc[BW_ENC_ID_MAX + 1], ks[KEY_MAX], g[16], n[24], lease[24];
+    const char *argv[6];
+    redisReply *r;
+    int rc;
+
+    bw_pct_encode(request_id, strlen(request_id), enc, sizeof(enc));
+    request_key(ks, sizeof(ks), enc, 's');
+    snprintf(g, sizeof(g), "%d", gen);
+    snprintf(n, sizeof(n), "%lld", attempt);
+    snprintf(lease, sizeof(lease), "%" PRId64, st->timers.lease_ms);
+    argv[0] = ks;
+    argv[1] = DUE_KEY;
+    argv[2] = g;
+    argv[3] = n;
+    argv[4] = request_id;
+    argv[5] = lease;
+    r = run_script(st, S_FALLBACK_OK, 2, 6, argv, NULL);
+    rc = r && r->type == REDIS_REPLY_INTEGER && r->integer == 1;
+    if (r)
+        freeReplyObject(r);
+    return rc; /* Redis unreachable: no fallback (the safe side) */
 }
 
 int bw_store_defer(bw_store *st, const char *request_id, int gen, int64_t delay_ms, int wallet_only)

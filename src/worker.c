@@ -212,6 +212,20 @@ static const char *rec_str(const json_t *rec, const char *key)
     return s ? s : "";
 }
 
+/* What the settle module asks right before it would use the fallback. */
+typedef struct fallback_check {
+    settler *s;
+    const char *rid;
+    int gen;
+    long long attempt;
+} fallback_check;
+
+static int fallback_allowed(void *ctx)
+{
+    fallback_check *fb = ctx;
+    return bw_store_fallback_ok(fb->s->st, fb->rid, fb->gen, fb->attempt);
+}
+
 /* Exponential backoff for pending settlements: 1 s, 2 s, 4 s ... capped. */
 static int64_t pending_delay(const bw_config *cfg, int attempts)
 {
@@ -285,12 +299,24 @@ static void process_claim(settler *s, const char *rid)
         bw_settle_req req;
         bw_settle_result res;
         char *breakdown = NULL;
+        fallback_check fb;
 
         if (bw_record_settle_req(rec, &req, reason_text, sizeof(reason_text), &breakdown) < 0) {
             bw_store_defer(s->st, rid, c.gen, 60000, c.wallet_only);
             goto out;
         }
         req.wallet_only = c.wallet_only;
+        /* No service is called unless Redis recorded that an attempt began. */
+        fb.s = s;
+        fb.rid = rid;
+        fb.gen = c.gen;
+        fb.attempt = bw_store_begin_attempt(s->st, rid, c.gen);
+        if (fb.attempt < 1) {
+            free(breakdown);
+            goto out;
+        }
+        req.fallback_allowed = fallback_allowed;
+        req.fallback_ctx = &fb;
         rc = bw_settle_charge(s->se, &req, &res);
         free(breakdown);
         atomic_store(&bw_stats.wallet_circuit_open, bw_settle_breaker_open(s->se));

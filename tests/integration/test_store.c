@@ -377,6 +377,77 @@ static void test_defer(void **state)
     bw_store_destroy(st);
 }
 
+/* An attempt whose outcome was never recorded (a crash, a lost write) makes
+ * the next attempt wallet-only: the wallet may have applied it (G7). */
+static void test_unrecorded_attempt_is_wallet_only(void **state)
+{
+    bw_store *st = new_store(60000, 5000);
+    bw_event evs[2];
+    int res[2];
+    char **rids;
+    bw_claim c;
+
+    evs[0] = tool("r1", "u1", "e1", "web_search");
+    evs[1] = finalize("r1", "u1", "e2", 0, 0, 0);
+    apply(st, evs, 2, res);
+    assert_int_equal(claim(st, &rids), 1);
+    bw_store_free_strings(rids, 1);
+    assert_int_equal(bw_store_load(st, "r1", &c), 1);
+    assert_int_equal(c.wallet_only, 0);
+    bw_claim_free(&c);
+
+    assert_int_equal(bw_store_begin_attempt(st, "r1", 0), 1);
+    /* the worker dies here: no defer, no complete */
+    assert_int_equal(bw_store_load(st, "r1", &c), 1);
+    assert_int_equal(c.wallet_only, 1);
+    bw_claim_free(&c);
+
+    /* A recorded outcome replaces the in-progress mark (the worker passes
+     * wallet_only = 1 on when it knew it; here the attempt was not delivered). */
+    assert_int_equal(bw_store_defer(st, "r1", 0, 0, 0), 0);
+    assert_int_equal(bw_store_load(st, "r1", &c), 1);
+    assert_int_equal(c.wallet_only, 0);
+    bw_claim_free(&c);
+
+    /* Completed: no further attempt may begin. */
+    assert_int_equal(bw_store_complete(st, "r1", 0, "{}"), 1);
+    assert_int_equal(bw_store_begin_attempt(st, "r1", 0), 0);
+    bw_store_destroy(st);
+}
+
+/* The fallback is allowed only to the latest attempt, and never once any
+ * attempt recorded an unknown wallet outcome (G7). */
+static void test_fallback_only_for_latest_attempt(void **state)
+{
+    bw_store *st = new_store(60000, 5000);
+    bw_event evs[2];
+    int res[2];
+    char **rids;
+    bw_claim c;
+
+    evs[0] = tool("r1", "u1", "e1", "web_search");
+    evs[1] = finalize("r1", "u1", "e2", 0, 0, 0);
+    apply(st, evs, 2, res);
+    assert_int_equal(claim(st, &rids), 1);
+    bw_store_free_strings(rids, 1);
+    assert_int_equal(bw_store_load(st, "r1", &c), 1);
+    bw_claim_free(&c);
+
+    assert_int_equal(bw_store_begin_attempt(st, "r1", 0), 1);
+    assert_int_equal(bw_store_fallback_ok(st, "r1", 0, 1), 1);
+    /* a second worker took over (the first one stalled past its lease) */
+    assert_int_equal(bw_store_begin_attempt(st, "r1", 0), 2);
+    assert_int_equal(bw_store_fallback_ok(st, "r1", 0, 1), 0);
+    assert_int_equal(bw_store_fallback_ok(st, "r1", 0, 2), 1);
+    /* an unknown outcome was recorded: no attempt may use the fallback */
+    assert_int_equal(bw_store_defer(st, "r1", 0, 0, 1), 0);
+    assert_int_equal(bw_store_begin_attempt(st, "r1", 0), 3);
+    assert_int_equal(bw_store_fallback_ok(st, "r1", 0, 3), 0);
+    /* a generation that does not exist */
+    assert_int_equal(bw_store_fallback_ok(st, "r1", 7, 1), 0);
+    bw_store_destroy(st);
+}
+
 /* After a Redis restart the scripts are loaded again (NOSCRIPT) transparently. */
 static void test_script_reload(void **state)
 {
@@ -402,6 +473,8 @@ int main(void)
         cmocka_unit_test(test_expected_met_by_straggler),
         cmocka_unit_test(test_intent_complete_and_late),
         cmocka_unit_test(test_defer),
+        cmocka_unit_test(test_unrecorded_attempt_is_wallet_only),
+        cmocka_unit_test(test_fallback_only_for_latest_attempt),
         cmocka_unit_test(test_script_reload),
     };
     return cmocka_run_group_tests(tests, start_redis, stop_redis);
