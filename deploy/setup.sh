@@ -38,7 +38,7 @@ PACKAGES=(
   libssl-dev libmicrohttpd-dev libcmocka-dev
   kcat redis-server clang-format python3
   openjdk-17-jre-headless maven curl
-  clang prometheus python3-yaml systemd
+  clang libclang-rt-14-dev prometheus python3-yaml systemd
 )
 
 missing=()
