@@ -47,7 +47,10 @@ typedef struct bw_store_timers {
 bw_store *bw_store_new(const char *url, const bw_store_timers *timers, char *err, size_t errsize);
 void bw_store_destroy(bw_store *st);
 
-/** PING. @returns 0 if Redis answers. */
+/** 1 for a redis+cluster:// store. */
+int bw_store_is_cluster(const bw_store *st);
+
+/** PING. @returns 0 if Redis answers (a cluster: every master holding a bucket). */
 int bw_store_ping(bw_store *st);
 
 /**
@@ -131,7 +134,8 @@ int bw_store_defer(bw_store *st, const char *request_id, int gen, int64_t delay_
 
 /**
  * @brief Outbox records older than @p min_age_ms (their publisher may have
- *        died), re-leased for another @p min_age_ms. Fields and records are
+ *        died), re-leased for another @p min_age_ms, at most @p max (a
+ *        cluster: at most @p max per bucket). Fields and records are
  *        parallel arrays of strdup'ed strings.
  */
 int bw_store_outbox_due(bw_store *st, int64_t min_age_ms, size_t max, char ***fields,

@@ -53,9 +53,10 @@ static const char *check_redis_url(const char *s)
 {
     /* hiredis 0.14 has no TLS: rediss:// is refused rather than silently
      * sent in clear text. */
-    if ((strncmp(s, "redis://", 8) == 0 && s[8]) || (strncmp(s, "unix://", 7) == 0 && s[7]))
+    if ((strncmp(s, "redis://", 8) == 0 && s[8]) || (strncmp(s, "unix://", 7) == 0 && s[7]) ||
+        (strncmp(s, "redis+cluster://", 16) == 0 && s[16]))
         return NULL;
-    return "must start with redis:// or unix://";
+    return "must start with redis://, redis+cluster:// or unix://";
 }
 
 static const char *check_service_url(const char *s)

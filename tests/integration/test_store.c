@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -18,7 +19,13 @@
 
 #include "bw_store.h"
 
-static pid_t redis_pid;
+/* BW_TEST_REDIS_CLUSTER=1: the same tests against a 3-master Redis Cluster. */
+#define N_CLUSTER 3
+
+static int cluster_mode;
+static pid_t redis_pids[N_CLUSTER];
+static int redis_ports[N_CLUSTER];
+static int n_servers;
 static int redis_port;
 static char redis_dir[64];
 static int db_counter;
@@ -29,50 +36,125 @@ static void sleep_ms(int ms)
     nanosleep(&ts, NULL);
 }
 
-static int start_redis(void **state)
+/* Run a shell command, return its first output line (static buffer). */
+static const char *sh(const char *fmt, ...)
 {
-    char port[16], cmd[128];
+    static char line[4096];
+    char cmd[1024];
+    va_list ap;
+    FILE *f;
 
-    snprintf(redis_dir, sizeof(redis_dir), "/tmp/bw-test-store-XXXXXX");
-    if (!mkdtemp(redis_dir))
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof(cmd), fmt, ap);
+    va_end(ap);
+    line[0] = '\0';
+    f = popen(cmd, "r");
+    if (!f)
+        return line;
+    if (!fgets(line, sizeof(line), f))
+        line[0] = '\0';
+    while (fgetc(f) != EOF)
+        ;
+    pclose(f);
+    line[strcspn(line, "\r\n")] = '\0';
+    return line;
+}
+
+static int start_server(int i, int port)
+{
+    char p[16], dir[96], conf[64];
+
+    snprintf(p, sizeof(p), "%d", port);
+    snprintf(dir, sizeof(dir), "%s/%d", redis_dir, port);
+    snprintf(conf, sizeof(conf), "nodes-%d.conf", port);
+    if (mkdir(dir, 0700) < 0)
         return -1;
-    redis_port = 20000 + (getpid() % 20000);
-    snprintf(port, sizeof(port), "%d", redis_port);
-    redis_pid = fork();
-    if (redis_pid == 0) {
-        execlp("redis-server", "redis-server", "--port", port, "--bind", "127.0.0.1", "--dir",
-               redis_dir, "--save", "", "--appendonly", "no", "--loglevel", "warning",
-               (char *)NULL);
+    redis_ports[i] = port;
+    redis_pids[i] = fork();
+    if (redis_pids[i] == 0) {
+        if (cluster_mode)
+            execlp("redis-server", "redis-server", "--port", p, "--bind", "127.0.0.1", "--dir", dir,
+                   "--save", "", "--appendonly", "no", "--loglevel", "warning", "--cluster-enabled",
+                   "yes", "--cluster-config-file", conf, "--cluster-node-timeout", "5000",
+                   (char *)NULL);
+        else
+            execlp("redis-server", "redis-server", "--port", p, "--bind", "127.0.0.1", "--dir", dir,
+                   "--save", "", "--appendonly", "no", "--loglevel", "warning", (char *)NULL);
         _exit(127);
     }
-    snprintf(cmd, sizeof(cmd), "redis-cli -p %d ping >/dev/null 2>&1", redis_port);
-    for (int i = 0; i < 100; i++) {
-        if (system(cmd) == 0)
+    for (int k = 0; k < 100; k++) {
+        if (strcmp(sh("redis-cli -p %d ping 2>/dev/null", port), "PONG") == 0)
             return 0;
         sleep_ms(50);
     }
     return -1;
 }
 
+static int start_redis(void **state)
+{
+    const char *env = getenv("BW_TEST_REDIS_CLUSTER");
+
+    cluster_mode = env && strcmp(env, "1") == 0;
+    n_servers = cluster_mode ? N_CLUSTER : 1;
+    snprintf(redis_dir, sizeof(redis_dir), "/tmp/bw-test-store-XXXXXX");
+    if (!mkdtemp(redis_dir))
+        return -1;
+    /* A cluster node's bus port is its port + 10000, so cluster ports stay
+     * at or below 55535; the two ranges do not overlap. */
+    redis_port = cluster_mode ? 41000 + (getpid() % 4800) * 3 : 20000 + (getpid() % 20000);
+    for (int i = 0; i < n_servers; i++)
+        if (start_server(i, redis_port + i) < 0)
+            return -1;
+    if (cluster_mode) {
+        int ok = 0;
+        sh("redis-cli --cluster create 127.0.0.1:%d 127.0.0.1:%d 127.0.0.1:%d "
+           "--cluster-replicas 0 --cluster-yes >/dev/null 2>&1; echo done",
+           redis_ports[0], redis_ports[1], redis_ports[2]);
+        for (int k = 0; k < 200 && ok < N_CLUSTER; k++) {
+            ok = 0;
+            for (int i = 0; i < N_CLUSTER; i++)
+                ok += strcmp(sh("redis-cli -p %d cluster info | grep -c 'cluster_state:ok'",
+                                redis_ports[i]),
+                             "1") == 0;
+            sleep_ms(50);
+        }
+        if (ok < N_CLUSTER)
+            return -1;
+    }
+    return 0;
+}
+
 static int stop_redis(void **state)
 {
     char cmd[128];
-    kill(redis_pid, SIGTERM);
-    waitpid(redis_pid, NULL, 0);
+    for (int i = 0; i < n_servers; i++) {
+        if (redis_pids[i] <= 0) /* never started: kill(0) would hit our group */
+            continue;
+        kill(redis_pids[i], SIGTERM);
+        waitpid(redis_pids[i], NULL, 0);
+    }
     snprintf(cmd, sizeof(cmd), "rm -rf %s", redis_dir);
     return system(cmd) == 0 ? 0 : -1;
 }
 
-/* Each test gets its own database, so the tests cannot see each other. */
+/* Each test gets its own database (a cluster has only db 0: it is emptied),
+ * so the tests cannot see each other. */
 static bw_store *new_store(int64_t rto, int64_t grace)
 {
-    char url[64], err[256];
+    char url[128], err[256];
     bw_store_timers t = {rto, grace, 60000, 2000};
     bw_store *st;
 
-    snprintf(url, sizeof(url), "redis://127.0.0.1:%d/%d", redis_port, ++db_counter);
+    if (cluster_mode) {
+        for (int i = 0; i < N_CLUSTER; i++)
+            sh("redis-cli -p %d flushall", redis_ports[i]);
+        snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d", redis_port);
+    } else {
+        snprintf(url, sizeof(url), "redis://127.0.0.1:%d/%d", redis_port, ++db_counter);
+    }
     st = bw_store_new(url, &t, err, sizeof(err));
     assert_non_null(st);
+    assert_int_equal(bw_store_is_cluster(st), cluster_mode);
     assert_int_equal(bw_store_ping(st), 0);
     return st;
 }
@@ -457,10 +539,138 @@ static void test_script_reload(void **state)
     char cmd[128];
 
     apply(st, &ev, 1, res);
-    snprintf(cmd, sizeof(cmd), "redis-cli -p %d script flush >/dev/null", redis_port);
-    assert_int_equal(system(cmd), 0);
+    for (int i = 0; i < n_servers; i++) {
+        snprintf(cmd, sizeof(cmd), "redis-cli -p %d script flush >/dev/null", redis_ports[i]);
+        assert_int_equal(system(cmd), 0);
+    }
     apply(st, &ev, 1, res);
     assert_int_equal(res[0], BW_APPLY_DUP);
+    bw_store_destroy(st);
+}
+
+/* ---- cluster only -------------------------------------------------------- */
+
+/* The node (index) that holds @p key, found by asking every node. */
+static int node_of_key(const char *pattern, char *key, size_t keysize)
+{
+    for (int i = 0; i < N_CLUSTER; i++) {
+        const char *k =
+            sh("redis-cli -p %d --scan --pattern '%s' | head -1", redis_ports[i], pattern);
+        if (k[0]) {
+            snprintf(key, keysize, "%s", k);
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Start moving @p slot from node @p from to node @p to, and move its keys. */
+static void migrate_slot_begin(int slot, int from, int to)
+{
+    char src_id[64], dst_id[64];
+
+    snprintf(src_id, sizeof(src_id), "%s", sh("redis-cli -p %d cluster myid", redis_ports[from]));
+    snprintf(dst_id, sizeof(dst_id), "%s", sh("redis-cli -p %d cluster myid", redis_ports[to]));
+    assert_string_equal(
+        sh("redis-cli -p %d cluster setslot %d importing %s", redis_ports[to], slot, src_id), "OK");
+    assert_string_equal(
+        sh("redis-cli -p %d cluster setslot %d migrating %s", redis_ports[from], slot, dst_id),
+        "OK");
+    /* every key of the slot */
+    sh("redis-cli -p %d cluster getkeysinslot %d 1000 | xargs -r redis-cli -p %d migrate "
+       "127.0.0.1 %d '' 0 5000 keys",
+       redis_ports[from], slot, redis_ports[from], redis_ports[to]);
+    assert_string_equal(sh("redis-cli -p %d cluster countkeysinslot %d", redis_ports[from], slot),
+                        "0");
+}
+
+static void migrate_slot_end(int slot, int to)
+{
+    char dst_id[64];
+
+    snprintf(dst_id, sizeof(dst_id), "%s", sh("redis-cli -p %d cluster myid", redis_ports[to]));
+    for (int i = 0; i < N_CLUSTER; i++)
+        assert_string_equal(
+            sh("redis-cli -p %d cluster setslot %d node %s", redis_ports[i], slot, dst_id), "OK");
+}
+
+/* Requests spread over every master; claims and counts see all of them. */
+static void test_cluster_spread(void **state)
+{
+    bw_store *st;
+    bw_event evs[2];
+    int res[2], total = 0;
+    char **rids;
+
+    if (!cluster_mode)
+        skip();
+    st = new_store(60000, 5000);
+    for (int r = 0; r < 120; r++) {
+        char rid[32];
+        snprintf(rid, sizeof(rid), "spread-%03d", r);
+        evs[0] = tool(rid, "u1", "e1", "web_search");
+        evs[1] = finalize(rid, "u1", "e2", 1, 0, 1);
+        apply(st, evs, 2, res);
+        assert_int_equal(res[0], BW_APPLY_NEW);
+        assert_int_equal(res[1], BW_APPLY_NEW);
+    }
+    for (int i = 0; i < N_CLUSTER; i++)
+        assert_true(atoi(sh("redis-cli -p %d dbsize", redis_ports[i])) > 0);
+    assert_int_equal(bw_store_due_count(st), 120);
+    assert_int_equal(bw_store_overdue_count(st), 120);
+    for (int k = 0; k < 20 && total < 120; k++) {
+        int n = bw_store_claim_due(st, 50, &rids);
+        assert_true(n >= 0);
+        total += n;
+        bw_store_free_strings(rids, (size_t)n);
+    }
+    assert_int_equal(total, 120);
+    bw_store_destroy(st);
+}
+
+/* A slot moves while the store runs: ASK during the migration, MOVED after. */
+static void test_cluster_redirects(void **state)
+{
+    bw_store *st;
+    bw_event evs[3];
+    int res[3], from, to, slot;
+    char key[256], **rids;
+    bw_claim c;
+
+    if (!cluster_mode)
+        skip();
+    st = new_store(60000, 5000);
+    evs[0] = tool("mover", "u1", "e1", "web_search");
+    apply(st, evs, 1, res);
+    from = node_of_key("bw:*:mover:m", key, sizeof(key));
+    assert_true(from >= 0);
+    slot = atoi(sh("redis-cli -p %d cluster keyslot '%s'", redis_ports[0], key));
+    to = (from + 1) % N_CLUSTER;
+
+    /* migrating: the keys are at the target already, the map says the source */
+    migrate_slot_begin(slot, from, to);
+    evs[0] = tool("mover", "u1", "e2", "web_search");
+    apply(st, evs, 1, res); /* meta, events and due all exist at the target: ASK */
+    assert_int_equal(res[0], BW_APPLY_NEW);
+    assert_int_equal(node_of_key("bw:*:mover:m", key, sizeof(key)), to);
+
+    /* migrated: the store's map is stale, MOVED sends it to the new owner */
+    migrate_slot_end(slot, to);
+    evs[0] = tool("mover", "u1", "e2", "web_search");
+    evs[1] = model("mover", "u1", "e3", "gpt-4o", 10, 5);
+    evs[2] = finalize("mover", "u1", "e4", 1, 1, 2);
+    apply(st, evs, 3, res);
+    assert_int_equal(res[0], BW_APPLY_DUP);
+    assert_int_equal(res[1], BW_APPLY_NEW);
+    assert_int_equal(res[2], BW_APPLY_NEW);
+    assert_int_equal(claim(st, &rids), 1);
+    assert_string_equal(rids[0], "mover");
+    bw_store_free_strings(rids, 1);
+    assert_int_equal(bw_store_load(st, "mover", &c), 1);
+    assert_int_equal(c.n_calls, 3);
+    bw_claim_free(&c);
+    assert_int_equal(bw_store_complete(st, "mover", 0, "{}"), 1);
+    assert_int_equal(bw_store_due_count(st), 0);
     bw_store_destroy(st);
 }
 
@@ -476,6 +686,8 @@ int main(void)
         cmocka_unit_test(test_unrecorded_attempt_is_wallet_only),
         cmocka_unit_test(test_fallback_only_for_latest_attempt),
         cmocka_unit_test(test_script_reload),
+        cmocka_unit_test(test_cluster_spread),
+        cmocka_unit_test(test_cluster_redirects),
     };
     return cmocka_run_group_tests(tests, start_redis, stop_redis);
 }

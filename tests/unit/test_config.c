@@ -420,7 +420,7 @@ static void test_err_values(void **state)
 {
     (void)state;
     expect_error("redis = { url = \"http://127.0.0.1:6379\"; };\n" PRICING, 1,
-                 "redis.url: must start with redis:// or unix://");
+                 "redis.url: must start with redis://, redis+cluster:// or unix://");
     expect_error("wallet = { consume_path = \"/api/v1/consume\"; };\n" PRICING, 1,
                  "wallet.consume_path: must be a path starting with '/' that contains {user_id}");
     expect_error("user_service = {\n"                 /* 1 */
@@ -522,7 +522,8 @@ static void test_env_invalid(void **state)
     unsetenv("BW_SHUTDOWN_TIMEOUT");
 
     setenv("BW_REDIS_URL", "rediss://secure:6380", 1);
-    expect_env_error(PRICING, "env BW_REDIS_URL: must start with redis:// or unix://");
+    expect_env_error(PRICING,
+                     "env BW_REDIS_URL: must start with redis://, redis+cluster:// or unix://");
     unsetenv("BW_REDIS_URL");
 
     setenv("BW_KAFKA_GROUP_ID", "", 1);
