@@ -297,6 +297,7 @@ struct bw_store {
     char (*btag)[BUCKET_TAG_MAX];
     int *bslot;
     unsigned next_bucket; /* where the next claim starts */
+    int layout_ok;        /* cluster: the bucket count matches the stored one */
     bw_store_timers timers;
     char sha[S_COUNT][41];
 };
@@ -887,6 +888,41 @@ int bw_store_ping(bw_store *st)
     return st->refresh && refresh_slots(st) < 0 ? -1 : 0;
 }
 
+/*
+ * A cluster's bucket count decides which keys hold a request's state: workers
+ * with another count would not see it (a request charged again, events
+ * counted twice). The first worker records its count in the cluster; a worker
+ * with another one refuses every operation (and logs why) instead.
+ * @returns 0 when the layout matches (always on a single server), -1 if not
+ * (or if Redis could not be asked: retried on the next operation).
+ */
+static int check_layout(bw_store *st)
+{
+    const char *key = "bw:layout"; /* one key, whatever the bucket count */
+    char want[32];
+    const char *set[5] = {"SET", key, want, "NX", NULL};
+    const char *get[2] = {"GET", key};
+    redisReply *r;
+    int ok;
+
+    if (!st->cluster || st->layout_ok)
+        return 0;
+    snprintf(want, sizeof(want), "buckets=%d", st->n_buckets);
+    if (!(r = run_cmd(st, key, 4, set)))
+        return -1;
+    freeReplyObject(r);
+    if (!(r = run_cmd(st, key, 2, get)))
+        return -1;
+    ok = r->type == REDIS_REPLY_STRING && strcmp(r->str, want) == 0;
+    if (!ok)
+        bw_log(BW_LOG_ERROR, "redis cluster holds another layout: refusing to touch it", "stored",
+               r->type == REDIS_REPLY_STRING ? r->str : "?", "configured", want, "hint",
+               "every worker of a cluster needs the same ?buckets= of its redis url", NULL);
+    freeReplyObject(r);
+    st->layout_ok = ok;
+    return ok ? 0 : -1;
+}
+
 /* Keys. A single server: "bw:{<enc>}:m", "bw:due", "bw:outbox". A cluster:
  * "bw:{<bucket tag>}:<enc>:m", "bw:{<bucket tag>}:due", ... */
 static void request_key(const bw_store *st, char *buf, size_t size, const char *enc, char suffix)
@@ -955,6 +991,10 @@ int bw_store_apply(bw_store *st, bw_event *const *evs, size_t n, int *results, c
     if (!bk || !order || !start || !gsize || !av || !keys || !compact || !expected || !dkeys ||
         !nks || !cmds || !gbucket || !replies) {
         bw_seterr(err, errsize, "out of memory");
+        goto out;
+    }
+    if (check_layout(st) < 0) {
+        bw_seterr(err, errsize, "redis cluster layout not confirmed (see the log)");
         goto out;
     }
     snprintf(rto, sizeof(rto), "%" PRId64, st->timers.request_timeout_ms);
@@ -1091,7 +1131,7 @@ int bw_store_claim_due(bw_store *st, size_t max, char ***rids)
     int ok = 1;
 
     *rids = NULL;
-    if (!v || !cand)
+    if (!v || !cand || check_layout(st) < 0)
         goto fail;
     snprintf(lease, sizeof(lease), "%" PRId64, st->timers.lease_ms);
     if (nb == 1) {
@@ -1451,7 +1491,7 @@ int bw_store_outbox_due(bw_store *st, int64_t min_age_ms, size_t max, char ***fi
     int failed = 0;
 
     *fields = *records = NULL;
-    if (!ko || !av || !cmds || !rep) {
+    if (!ko || !av || !cmds || !rep || check_layout(st) < 0) {
         failed = 1;
         goto out;
     }

@@ -674,6 +674,56 @@ static void test_cluster_redirects(void **state)
     bw_store_destroy(st);
 }
 
+static int cluster_keys(void)
+{
+    int n = 0;
+    for (int i = 0; i < N_CLUSTER; i++)
+        n += atoi(sh("redis-cli -p %d dbsize", redis_ports[i]));
+    return n;
+}
+
+/* Workers configured with another bucket count would look for a request's
+ * state under other keys: such a store refuses to touch the cluster. */
+static void test_cluster_layout_guard(void **state)
+{
+    bw_store *st, *other, *same;
+    bw_store_timers t = {60000, 5000, 60000, 2000};
+    bw_event evs[1], *ptr = evs;
+    int res[1], keys_before;
+    char url[128], err[256], **rids, **fields, **records;
+
+    if (!cluster_mode)
+        skip();
+    st = new_store(60000, 5000); /* default: 64 buckets */
+    evs[0] = tool("guarded", "u1", "e1", "web_search");
+    apply(st, evs, 1, res);
+    assert_int_equal(res[0], BW_APPLY_NEW);
+    keys_before = cluster_keys();
+    assert_true(keys_before > 0);
+
+    snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d?buckets=8", redis_port);
+    other = bw_store_new(url, &t, err, sizeof(err));
+    assert_non_null(other);
+    evs[0] = tool("guarded", "u1", "e2", "web_search");
+    assert_int_equal(bw_store_apply(other, &ptr, 1, res, err, sizeof(err)), -1);
+    assert_int_equal(bw_store_claim_due(other, 10, &rids), -1);
+    assert_int_equal(bw_store_outbox_due(other, 0, 10, &fields, &records), -1);
+    assert_int_equal(cluster_keys(), keys_before); /* it wrote nothing */
+    bw_store_destroy(other);
+
+    /* the same count, spelled out, is the same layout: the event is new there */
+    snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d?buckets=64", redis_port);
+    same = bw_store_new(url, &t, err, sizeof(err));
+    assert_non_null(same);
+    assert_int_equal(bw_store_apply(same, &ptr, 1, res, err, sizeof(err)), 0);
+    assert_int_equal(res[0], BW_APPLY_NEW);
+    evs[0] = tool("guarded", "u1", "e1", "web_search");
+    assert_int_equal(bw_store_apply(same, &ptr, 1, res, err, sizeof(err)), 0);
+    assert_int_equal(res[0], BW_APPLY_DUP);
+    bw_store_destroy(same);
+    bw_store_destroy(st);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -688,6 +738,7 @@ int main(void)
         cmocka_unit_test(test_script_reload),
         cmocka_unit_test(test_cluster_spread),
         cmocka_unit_test(test_cluster_redirects),
+        cmocka_unit_test(test_cluster_layout_guard),
     };
     return cmocka_run_group_tests(tests, start_redis, stop_redis);
 }
