@@ -30,79 +30,97 @@
  * request_id, dedup key, kind (M/T/F), compact payload, user, session, org,
  * expected ("" or "<model_calls>:<tool_calls>").
  * Events hash values are "<gen>|<compact>". Returns one integer per event
- * (bw_apply_result).
+ * (bw_apply_result). Each request's meta hash is read once per call (HMGET)
+ * and written once at the end: per event, only the dedup entry (HSETNX) is
+ * a command of its own.
  */
 static const char *lua_apply = NOW_MS_LUA
     "local rto = tonumber(ARGV[1])\n"
     "local grace = tonumber(ARGV[2])\n"
     "local n = (#KEYS - 1) / 2\n"
     "local out = {}\n"
+    "local reqs, order = {}, {}\n"
     "for i = 1, n do\n"
     "  local m = KEYS[2 * i]\n"
     "  local e = KEYS[2 * i + 1]\n"
     "  local b = 2 + (i - 1) * 8\n"
     "  local rid, dkey, kind, compact = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]\n"
     "  local user, sess, org, exp = ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8]\n"
-    "  local cur = redis.call('HGET', m, 'user')\n"
-    "  if cur and cur ~= user then\n"
+    "  local r = reqs[m]\n"
+    "  if not r then\n"
+    "    local v = redis.call('HMGET', m, 'user', 'gen', 'cu', 'fin', 'xm', 'xt', 'nm', 'nt')\n"
+    "    r = {rid = rid, user = v[1], gen = tonumber(v[2] or '0'), cu = tonumber(v[3] or '0'),\n"
+    "         fin = v[4] and tonumber(v[4]), xm = v[5] and tonumber(v[5]),\n"
+    "         xt = v[6] and tonumber(v[6]), nm = tonumber(v[7] or '0'),\n"
+    "         nt = tonumber(v[8] or '0'), dnm = 0, dnt = 0, late = 0}\n"
+    "    reqs[m] = r\n"
+    "    order[#order + 1] = m\n"
+    "  end\n"
+    "  if r.user and r.user ~= user then\n"
     "    out[i] = 3\n"
-    "  else\n"
+    "  elseif redis.call('HSETNX', e, dkey, r.gen .. '|' .. compact) == 0 then\n"
     "    local old = redis.call('HGET', e, dkey)\n"
-    "    if old then\n"
-    "      local sep = string.find(old, '|', 1, true)\n"
-    "      if string.sub(old, sep + 1) == compact then out[i] = 1 else out[i] = 2 end\n"
+    "    local sep = string.find(old, '|', 1, true)\n"
+    "    if string.sub(old, sep + 1) == compact then out[i] = 1 else out[i] = 2 end\n"
+    "  else\n"
+    "    if not r.user then\n"
+    "      r.user = user\n"
+    "      r.create = {sess, org}\n"
+    "    end\n"
+    "    r.touched = true\n"
+    "    local due = nil\n"
+    "    if r.gen == 0 then\n"
+    "      out[i] = 0\n"
+    "      if kind == 'M' then r.nm = r.nm + 1; r.dnm = r.dnm + 1\n"
+    "      elseif kind == 'T' then r.nt = r.nt + 1; r.dnt = r.dnt + 1\n"
+    "      elseif not r.fin then\n"
+    "        r.fin = now\n"
+    "        r.setfin = true\n"
+    "        if exp ~= '' then\n"
+    "          local c = string.find(exp, ':', 1, true)\n"
+    "          r.xm = tonumber(string.sub(exp, 1, c - 1))\n"
+    "          r.xt = tonumber(string.sub(exp, c + 1))\n"
+    "        end\n"
+    "      end\n"
+    "      if not r.fin then due = now + rto\n"
+    "      elseif not r.xm then due = now\n"
+    "      elseif r.nm >= r.xm and r.nt >= r.xt then due = now\n"
+    "      elseif kind == 'F' then due = r.fin + grace\n"
+    "      end\n"
     "    else\n"
-    "      if not cur then\n"
-    "        redis.call('HSET', m, 'user', user, 'sess', sess, 'org', org, 'gen', 0, 'done', 0,\n"
-    "                   'first', now)\n"
+    "      out[i] = 4\n"
+    "      if kind ~= 'F' then\n"
+    "        r.late = r.late + 1\n"
+    "        due = now + grace\n"
     "      end\n"
-    "      local gen = tonumber(redis.call('HGET', m, 'gen'))\n"
-    "      redis.call('HSET', e, dkey, gen .. '|' .. compact)\n"
+    "    end\n"
+    "    if due then\n"
+    "      if due < r.cu then due = r.cu end\n"
+    "      r.due = due\n"
+    "    end\n"
+    "  end\n"
+    "end\n"
+    "for _, m in ipairs(order) do\n"
+    "  local r = reqs[m]\n"
+    "  if r.touched then\n"
+    "    if r.create then\n"
+    "      redis.call('HSET', m, 'user', r.user, 'sess', r.create[1], 'org', r.create[2],\n"
+    "                 'gen', 0, 'done', 0, 'first', now)\n"
+    "    end\n"
+    "    if r.setfin and r.xm then\n"
+    "      redis.call('HSET', m, 'last', now, 'fin', r.fin, 'xm', r.xm, 'xt', r.xt)\n"
+    "    elseif r.setfin then\n"
+    "      redis.call('HSET', m, 'last', now, 'fin', r.fin)\n"
+    "    else\n"
     "      redis.call('HSET', m, 'last', now)\n"
-    "      local cu = tonumber(redis.call('HGET', m, 'cu') or '0')\n"
-    "      local due = nil\n"
-    "      if gen == 0 then\n"
-    "        out[i] = 0\n"
-    "        if kind == 'M' then redis.call('HINCRBY', m, 'nm', 1)\n"
-    "        elseif kind == 'T' then redis.call('HINCRBY', m, 'nt', 1)\n"
-    "        elseif redis.call('HEXISTS', m, 'fin') == 0 then\n"
-    "          redis.call('HSET', m, 'fin', now)\n"
-    "          if exp ~= '' then\n"
-    "            local c = string.find(exp, ':', 1, true)\n"
-    "            redis.call('HSET', m, 'xm', string.sub(exp, 1, c - 1), 'xt', string.sub(exp, c + "
-    "1))\n"
-    "          end\n"
-    "        end\n"
-    "        local fin = redis.call('HGET', m, 'fin')\n"
-    "        if not fin then\n"
-    "          due = now + rto\n"
-    "        else\n"
-    "          local xm = redis.call('HGET', m, 'xm')\n"
-    "          if not xm then\n"
-    "            due = now\n"
-    "          else\n"
-    "            local nm = tonumber(redis.call('HGET', m, 'nm') or '0')\n"
-    "            local nt = tonumber(redis.call('HGET', m, 'nt') or '0')\n"
-    "            if nm >= tonumber(xm) and nt >= tonumber(redis.call('HGET', m, 'xt')) then\n"
-    "              due = now\n"
-    "            elseif kind == 'F' then\n"
-    "              due = tonumber(fin) + grace\n"
-    "            end\n"
-    "          end\n"
-    "        end\n"
-    "        if due then\n"
-    "          if due < cu then due = cu end\n"
-    "          redis.call('ZADD', KEYS[1], due, rid)\n"
-    "        end\n"
-    "      else\n"
-    "        out[i] = 4\n"
-    "        if kind ~= 'F' then\n"
-    "          redis.call('HINCRBY', m, 'late' .. gen, 1)\n"
-    "          due = now + grace\n"
-    "          if due < cu then due = cu end\n"
-    "          redis.call('ZADD', KEYS[1], 'LT', due, rid)\n"
-    "        end\n"
-    "      end\n"
+    "    end\n"
+    "    if r.dnm > 0 then redis.call('HINCRBY', m, 'nm', r.dnm) end\n"
+    "    if r.dnt > 0 then redis.call('HINCRBY', m, 'nt', r.dnt) end\n"
+    "    if r.late > 0 then redis.call('HINCRBY', m, 'late' .. r.gen, r.late) end\n"
+    "    if r.due and r.gen == 0 then\n"
+    "      redis.call('ZADD', KEYS[1], r.due, r.rid)\n"
+    "    elseif r.due then\n"
+    "      redis.call('ZADD', KEYS[1], 'LT', r.due, r.rid)\n"
     "    end\n"
     "  end\n"
     "end\n"
@@ -1572,23 +1590,42 @@ static int field_bucket(const bw_store *st, const char *field)
     return bucket_of(st, enc);
 }
 
-int bw_store_outbox_done(bw_store *st, const char *field)
+int bw_store_outbox_done(bw_store *st, char *const *fields, size_t n)
 {
-    char ko[KEY_MAX], koz[KEY_MAX];
-    int b = field_bucket(st, field), slot = st->cluster ? st->bslot[b] : -1, rc = 0;
-    const char *a1[3] = {"HDEL", ko, field}, *a2[3] = {"ZREM", koz, field};
-    rcmd cmds[2] = {{slot, -1, 3, a1, NULL}, {slot, -1, 3, a2, NULL}};
-    redisReply *rep[2];
+    char(*ko)[2][KEY_MAX] = calloc(n ? n : 1, sizeof(*ko));
+    const char *(*av)[2][3] = calloc(n ? n : 1, sizeof(*av));
+    rcmd *cmds = calloc(2 * n + 1, sizeof(rcmd));
+    redisReply **rep = calloc(2 * n + 1, sizeof(redisReply *));
+    int rc = 0;
 
-    bucket_key(st, ko, sizeof(ko), b, "outbox");
-    bucket_key(st, koz, sizeof(koz), b, "outbox:z");
-    exec_many(st, cmds, 2, rep);
-    for (int i = 0; i < 2; i++) {
+    if (!ko || !av || !cmds || !rep) {
+        rc = -1;
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++) {
+        int b = field_bucket(st, fields[i]), slot = st->cluster ? st->bslot[b] : -1;
+        bucket_key(st, ko[i][0], KEY_MAX, b, "outbox");
+        bucket_key(st, ko[i][1], KEY_MAX, b, "outbox:z");
+        av[i][0][0] = "HDEL";
+        av[i][1][0] = "ZREM";
+        for (int k = 0; k < 2; k++) {
+            av[i][k][1] = ko[i][k];
+            av[i][k][2] = fields[i];
+            cmds[2 * i + (size_t)k] = (rcmd){slot, -1, 3, av[i][k], NULL};
+        }
+    }
+    exec_many(st, cmds, 2 * n, rep);
+    for (size_t i = 0; i < 2 * n; i++) {
         if (!rep[i])
             rc = -1;
         else
             freeReplyObject(rep[i]);
     }
+out:
+    free(ko);
+    free(av);
+    free(cmds);
+    free(rep);
     return rc;
 }
 
