@@ -140,8 +140,10 @@ int bw_store_defer(bw_store *st, const char *request_id, int gen, int64_t delay_
  */
 int bw_store_outbox_due(bw_store *st, int64_t min_age_ms, size_t max, char ***fields,
                         char ***records);
-/** Kafka acknowledged the record: drop it from the outbox. */
-int bw_store_outbox_done(bw_store *st, const char *field);
+/** Kafka acknowledged these @p n records: drop them from the outbox (one
+ *  pipelined round trip). @returns 0, or -1 if any deletion failed (the record
+ *  is then published again by the sweep: harmless, records are idempotent). */
+int bw_store_outbox_done(bw_store *st, char *const *fields, size_t n);
 
 /** Number of requests waiting in bw:due (open, due or pending). */
 long long bw_store_due_count(bw_store *st);

@@ -88,6 +88,10 @@ typedef struct worker {
     int *results;
     int *dead; /* bw_event_reason per message, 0 = none */
     char (*detail)[DETAIL_MAX];
+
+    /* outbox fields of records Kafka acknowledged, deleted once per loop */
+    char **delivered;
+    size_t n_delivered, cap_delivered;
 } worker;
 
 static void rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
@@ -138,11 +142,37 @@ typedef struct settler {
     int started;
 } settler;
 
+/* Delivery reports are served on the consumer thread: collect them, so that
+ * their outbox entries go in one round trip (flush_delivered) instead of one
+ * synchronous Redis call per record. */
 static void on_delivered(void *ctx, const char *field, int ok)
 {
     worker *w = ctx;
-    if (ok)
-        bw_store_outbox_done(w->st, field);
+    char *f;
+
+    if (!ok)
+        return; /* stays in the outbox: the sweep publishes it again */
+    if (w->n_delivered == w->cap_delivered) {
+        size_t cap = w->cap_delivered ? 2 * w->cap_delivered : 256;
+        char **v = realloc(w->delivered, cap * sizeof(*v));
+        if (!v)
+            return; /* republished by the sweep: a duplicate record, never a loss */
+        w->delivered = v;
+        w->cap_delivered = cap;
+    }
+    if ((f = strdup(field)))
+        w->delivered[w->n_delivered++] = f;
+}
+
+static void flush_delivered(worker *w)
+{
+    if (w->n_delivered == 0)
+        return;
+    if (w->st)
+        bw_store_outbox_done(w->st, w->delivered, w->n_delivered);
+    for (size_t i = 0; i < w->n_delivered; i++)
+        free(w->delivered[i]);
+    w->n_delivered = 0;
 }
 
 static int consumer_new(worker *w, char *err, size_t errsize)
@@ -782,6 +812,7 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
             reload_pricing(&w);
         }
         bw_publish_poll(w.pb, 0);
+        flush_delivered(&w);
         if (bw_mono_ms() >= next_housekeeping) {
             next_housekeeping = bw_mono_ms() + HOUSEKEEPING_MS;
             housekeeping(&w);
@@ -802,6 +833,7 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
         if (bw_publish_flush(
                 w.pb, (int)(deadline - bw_mono_ms() > 500 ? deadline - bw_mono_ms() : 500)) < 0)
             bw_log(BW_LOG_WARN, "records still in flight at exit stay in the outbox", NULL);
+        flush_delivered(&w);
     }
     rc = 0;
     bw_log(BW_LOG_INFO, "stopped", NULL);
@@ -817,6 +849,8 @@ out:
         settlers_stop(&w);
     }
     bw_publish_destroy(w.pb);
+    flush_delivered(&w); /* reports served by the destroy */
+    free(w.delivered);
     bw_store_destroy(w.st);
     pthread_rwlock_destroy(&w.pricing_lock);
     cfg->pricing = w.pricing;
