@@ -40,11 +40,11 @@
 #include "bw_worker.h"
 
 #define BATCH_MAX         1000
-#define CLAIM_MAX         8
+#define CLAIM_MAX         2
 #define OUTBOX_MIN_AGE_MS 10000
 #define HOUSEKEEPING_MS   1000
 #define DETAIL_MAX        200
-#define IDLE_MS           20   /* settler sleep when nothing is due */
+#define IDLE_MS           10   /* settler sleep when nothing is due */
 #define PAUSE_ABOVE       5000 /* overdue settlements: pause consumption above */
 #define RESUME_BELOW      1000 /* and resume below */
 
