@@ -165,7 +165,7 @@ static const key_spec specs[] = {
     {"settle", "breaker_failures", K_INT, F(breaker_failures), NULL, 1, INT_MAX, "5"},
     {"settle", "breaker_cooldown", K_DURPOS, F(breaker_cooldown_ms), NULL, 0, 0, "30s"},
     /* Extension of the contract: settlements in flight at once per process. */
-    {"settle", "concurrency", K_INT, F(settle_concurrency), NULL, 1, 64, "4"},
+    {"settle", "concurrency", K_INT, F(settle_concurrency), NULL, 1, 64, "16"},
 
     {"http", "listen", K_STR, F(http_listen), check_listen, 0, 0, "127.0.0.1:9464"},
 
