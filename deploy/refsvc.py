@@ -371,6 +371,9 @@ def parse_path_template(template):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
+    # Headers and body leave in two send() calls: with Nagle's algorithm on,
+    # the body waits for the client's delayed ACK (~40 ms per keep-alive call).
+    disable_nagle_algorithm = True
     server_version = "bw-refsvc/1"
     service_name = None  # "wallet", "user" or None (control port)
 
