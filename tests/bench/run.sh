@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tests/bench/run.sh: billing-worker's benchmark, one command (docs/performance.md).
 #
-#   bash tests/bench/run.sh                       # ~5 minutes on 2 cores
+#   bash tests/bench/run.sh                       # ~3-5 minutes on 2 cores
 #   BW_BENCH_REQUESTS=20000 bash tests/bench/run.sh
 #   BW_BENCH_PROFILE=gdb BW_BENCH_PHASES=one bash tests/bench/run.sh   # profile
 #
