@@ -110,7 +110,9 @@ typedef struct settle_service {
 typedef struct http_reply {
     CURLcode cc;
     long status;
-    int sent; /* some of the request may have reached the service */
+    int sent;           /* some of the request may have reached the service */
+    const char *upload; /* the body, handed to libcurl by on_upload */
+    size_t upload_len, upload_off;
     char phrase[96];
     int64_t retry_after_ms; /* -1: none */
     char *body;
@@ -703,6 +705,35 @@ static void reply_reset(http_reply *r)
     r->retry_after_ms = -1;
 }
 
+/*
+ * The body goes through a read callback, not CURLOPT_POSTFIELDS: when a kept-
+ * alive connection dies after the request was written, libcurl resends it on
+ * a new connection by itself, and the answer to that copy (a 503, say) would
+ * hide that the first one may have been applied. Resending needs a rewind
+ * (on_rewind): refused once any of the body left, so the call ends in a
+ * transport error counted as sent (G7: outcome unknown, wallet only).
+ */
+static size_t on_upload(char *buf, size_t size, size_t n, void *arg)
+{
+    http_reply *r = arg;
+    size_t left = r->upload_len - r->upload_off, k = size * n < left ? size * n : left;
+
+    memcpy(buf, r->upload + r->upload_off, k);
+    r->upload_off += k;
+    return k;
+}
+
+static int on_rewind(void *arg, curl_off_t offset, int origin)
+{
+    http_reply *r = arg;
+
+    if (origin != SEEK_SET || offset != 0 || r->upload_off > 0) {
+        r->sent = 1;
+        return CURL_SEEKFUNC_CANTSEEK;
+    }
+    return CURL_SEEKFUNC_OK; /* nothing of the body left yet */
+}
+
 static CURL *curl_handle_new(const bw_settle *s, long timeout_ms)
 {
     CURL *curl = curl_easy_init();
@@ -777,8 +808,14 @@ static void http_do(bw_settle *s, CURL *curl, const char *url, const char *body,
     }
     curl_easy_setopt(curl, CURLOPT_URL, url);
     if (body) {
-        curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body);
-        curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)strlen(body));
+        r->upload = body;
+        r->upload_len = strlen(body);
+        curl_easy_setopt(curl, CURLOPT_POST, 1L);
+        curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->upload_len);
+        curl_easy_setopt(curl, CURLOPT_READFUNCTION, on_upload);
+        curl_easy_setopt(curl, CURLOPT_READDATA, r);
+        curl_easy_setopt(curl, CURLOPT_SEEKFUNCTION, on_rewind);
+        curl_easy_setopt(curl, CURLOPT_SEEKDATA, r);
     } else {
         curl_easy_setopt(curl, CURLOPT_HTTPGET, 1L);
     }
@@ -793,7 +830,7 @@ static void http_do(bw_settle *s, CURL *curl, const char *url, const char *body,
     curl_easy_getinfo(curl, CURLINFO_REQUEST_SIZE, &reqsize);
     curl_easy_getinfo(curl, CURLINFO_PRETRANSFER_TIME_T, &pre);
     curl_easy_getinfo(curl, CURLINFO_SIZE_UPLOAD_T, &up);
-    r->sent = reqsize > 0 || pre > 0 || up > 0;
+    r->sent = r->sent || reqsize > 0 || pre > 0 || up > 0;
     if (r->errbuf[0] == '\0')
         snprintf(r->errbuf, sizeof(r->errbuf), "%s", curl_easy_strerror(r->cc));
 

@@ -804,6 +804,37 @@ static void test_unknown_then_not_delivered_still_no_fallback(void **state)
     (void)state;
 }
 
+/*
+ * A kept-alive connection that the wallet closes after reading (and maybe
+ * applying) a charge: libcurl resends on a new connection by itself, and that
+ * copy's 503 must not make the charge look "not delivered" (G7).
+ */
+static void test_drop_on_reused_connection_is_unknown(void **state)
+{
+    bw_settle_req req = base_req();
+    bw_settle_result res;
+    bw_settle *s = new_settle();
+
+    srv_push(&F->wallet, OK_T123);
+    assert_int_equal(bw_settle_charge(s, &req, &res), 0); /* opens the connection */
+    assert_int_equal(res.status, BW_SETTLE_SETTLED);
+    assert_int_equal(F->wallet.n_conns, 1);
+
+    req.request_id = "r2";
+    req.idempotency_key = "bw:r2";
+    srv_push(&F->wallet, (resp){.status = 0}); /* read, then closed unanswered */
+    srv_push_n(&F->wallet, 4, R503);
+    srv_push(&F->user, USER_RECORD_42);
+    srv_push(&F->user, USER_CONSUME_OK);
+    assert_int_equal(bw_settle_charge(s, &req, &res), 0);
+    assert_int_equal(res.status, BW_SETTLE_PENDING);
+    assert_int_equal(res.outcome_unknown, 1);
+    assert_int_equal(srv_nreqs(&F->user), 0); /* never the fallback */
+    assert_true(srv_nreqs(&F->wallet) >= 2);
+    bw_settle_destroy(s);
+    (void)state;
+}
+
 static void test_connection_dropped_after_request_is_unknown(void **state)
 {
     bw_settle_req req = base_req();
@@ -1393,6 +1424,7 @@ int main(void)
         T(test_503_exhausted_goes_to_fallback),
         T(test_500_is_unknown_wallet_only),
         T(test_unknown_then_not_delivered_still_no_fallback),
+        T(test_drop_on_reused_connection_is_unknown),
         T(test_connection_dropped_after_request_is_unknown),
         T(test_garbage_reply_is_unknown),
         T(test_connection_refused_goes_to_fallback),
