@@ -42,6 +42,11 @@ typedef struct bw_settle_req {
      * Redis that no other attempt began and none saw an unknown outcome. */
     int (*fallback_allowed)(void *ctx);
     void *fallback_ctx;
+    /* The claim's lease (0: none). The wallet's retries stop in time to end
+     * within it (a longer Retry-After is not waited for: the fallback comes
+     * next); fallback_allowed renews it, and the fallback's retries fit the
+     * new one. Past the lease another settler would take the charge over. */
+    int64_t lease_ms;
 } bw_settle_req;
 
 typedef struct bw_settle_result {

@@ -64,6 +64,7 @@
 #include "bw_util.h"
 
 #define SETTLE_BACKOFF_BASE_MS    100
+#define SETTLE_LEASE_MARGIN_MS    1000
 #define SETTLE_DEFAULT_TIMEOUT_MS 3000
 #define SETTLE_JWT_TTL_S          300
 #define SETTLE_JWT_RENEW_S        60
@@ -1193,6 +1194,7 @@ typedef struct call_ctx {
     const char *path;
     const char *body;
     int use_breaker;  /* the wallet */
+    int64_t deadline; /* bw_mono_ms() by which the last attempt must end; 0: none */
     http_reply reply; /* the last answer (body owned) */
     json_t *answer;   /* its parsed body, or NULL */
 } call_ctx;
@@ -1214,6 +1216,13 @@ static int64_t backoff_ms(bw_settle *s, int attempt, int64_t retry_after_ms)
     if (retry_after_ms > ms)
         ms = retry_after_ms < s->retry_max_ms ? retry_after_ms : s->retry_max_ms;
     return ms;
+}
+
+/* The end of a lease that begins now, with a second of margin for the
+ * Redis writes around the calls. */
+static int64_t claim_deadline(const bw_settle_req *req)
+{
+    return req->lease_ms > 0 ? bw_mono_ms() + req->lease_ms - SETTLE_LEASE_MARGIN_MS : 0;
 }
 
 static void note_pending(bw_settle_result *res, const settle_service *svc, const char *what,
@@ -1312,7 +1321,16 @@ static call_class run_call(bw_settle *s, call_ctx *c, const bw_settle_req *req,
         }
         if (attempt >= s->max_attempts || (c->use_breaker && bw_settle_breaker_open(s)))
             break;
-        sleep_ms(backoff_ms(s, attempt, c->reply.retry_after_ms));
+        {
+            int64_t pause = backoff_ms(s, attempt, c->reply.retry_after_ms);
+            if (c->deadline > 0 && bw_mono_ms() + pause + c->svc->timeout_ms > c->deadline) {
+                bw_log(BW_LOG_INFO, "settle: no time left in the claim for another attempt",
+                       "request_id", req->request_id, "service", c->svc->name, "attempt", nbuf,
+                       NULL);
+                break;
+            }
+            sleep_ms(pause);
+        }
     }
     return unknown_seen ? CALL_UNKNOWN : CALL_NOT_DELIVERED;
 }
@@ -1443,7 +1461,8 @@ int bw_settle_charge(bw_settle *s, const bw_settle_req *req, bw_settle_result *r
                         .kind = KIND_CONSUME,
                         .path = s->wallet.consume_path,
                         .body = wbody,
-                        .use_breaker = 1};
+                        .use_breaker = 1,
+                        .deadline = claim_deadline(req)};
     wallet.reply.retry_after_ms = -1;
     cls = run_call(s, &wallet, req, res);
     if (cls == CALL_OK || cls == CALL_REJECTED) {
@@ -1479,8 +1498,11 @@ int bw_settle_charge(bw_settle *s, const bw_settle_req *req, bw_settle_result *r
         snprintf(res->reason, sizeof(res->reason), "cannot build the request (UTF-8 or memory)");
         goto out;
     }
-    rec = (call_ctx){
-        .svc = &s->user, .kind = KIND_RECORD, .path = s->user.record_path, .body = rbody};
+    rec = (call_ctx){.svc = &s->user,
+                     .kind = KIND_RECORD,
+                     .path = s->user.record_path,
+                     .body = rbody,
+                     .deadline = claim_deadline(req)};
     cls = run_call(s, &rec, req, res);
     if (cls == CALL_REJECTED) {
         fill_final(res, &rec, cls);
@@ -1513,8 +1535,11 @@ int bw_settle_charge(bw_settle *s, const bw_settle_req *req, bw_settle_result *r
         snprintf(res->reason, sizeof(res->reason), "cannot build the request (memory)");
         goto out;
     }
-    ucons = (call_ctx){
-        .svc = &s->user, .kind = KIND_CONSUME, .path = s->user.consume_path, .body = ubody};
+    ucons = (call_ctx){.svc = &s->user,
+                       .kind = KIND_CONSUME,
+                       .path = s->user.consume_path,
+                       .body = ubody,
+                       .deadline = rec.deadline};
     ucons.reply.retry_after_ms = -1;
     cls = run_call(s, &ucons, req, res);
     if (cls == CALL_OK || cls == CALL_REJECTED)

@@ -347,6 +347,7 @@ static void process_claim(settler *s, const char *rid)
         }
         req.fallback_allowed = fallback_allowed;
         req.fallback_ctx = &fb;
+        req.lease_ms = w->timers.lease_ms; /* renewed by the load above */
         rc = bw_settle_charge(s->se, &req, &res);
         free(breakdown);
         atomic_store(&bw_stats.wallet_circuit_open, bw_settle_breaker_open(s->se));

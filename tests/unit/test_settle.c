@@ -1014,6 +1014,35 @@ static void test_429_retry_after_honoured(void **state)
     (void)state;
 }
 
+/* A Retry-After longer than the claim's lease is not waited for: the wallet
+ * said it did not take the charge, so the fallback takes it within the lease
+ * (else another settler would claim it mid-call, and then neither falls back). */
+static void test_retry_after_beyond_lease_goes_to_fallback(void **state)
+{
+    bw_settle_req req = base_req();
+    bw_settle_result res;
+    bw_settle *s;
+    int64_t t0, dt;
+
+    F->cfg->retry_max_interval_ms = 60000;
+    s = new_settle();
+    req.lease_ms = 3000;
+    srv_push_n(&F->wallet, 5,
+               (resp){.status = 429, .body = "{}", .headers = "Retry-After: 20\r\n"});
+    srv_push(&F->user, USER_RECORD_42);
+    srv_push(&F->user, USER_CONSUME_OK);
+    t0 = mono_ms();
+    assert_int_equal(bw_settle_charge(s, &req, &res), 0);
+    dt = mono_ms() - t0;
+    assert_int_equal(res.status, BW_SETTLE_SETTLED);
+    assert_string_equal(res.via, "user_service");
+    assert_int_equal(srv_nreqs(&F->wallet), 1); /* 20 s would not fit in 3 s */
+    assert_int_equal(srv_nreqs(&F->user), 2);
+    assert_true(dt < 2000);
+    bw_settle_destroy(s);
+    (void)state;
+}
+
 static void test_retry_after_capped_and_reported(void **state)
 {
     bw_settle_req req = base_req();
@@ -1434,6 +1463,7 @@ int main(void)
         T(test_409_in_flight_retried_at_wallet),
         T(test_429_retry_after_honoured),
         T(test_retry_after_capped_and_reported),
+        T(test_retry_after_beyond_lease_goes_to_fallback),
         T(test_breaker_opens_and_probes),
         T(test_breaker_half_open_probe_failure_reopens),
         T(test_401_token_file_reread_and_never_logged),
