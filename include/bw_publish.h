@@ -21,10 +21,17 @@ bw_publish *bw_publish_new(const bw_config *cfg, char *const *xprops, size_t n_x
                            bw_publish_delivered_cb *cb, void *ctx, char *err, size_t errsize);
 void bw_publish_destroy(bw_publish *pb);
 
+/** Dead-letter values above this are cut to it: a message close to Kafka's
+ *  size limit must still fit with the bw-* headers, or its partition would
+ *  stop. The whole original stays at its offset in the input topic. */
+#define BW_DLQ_VALUE_MAX (512 * 1024)
+
 /**
  * @brief Produce a dead letter: the original key and bytes as the message,
  *        and the reason, detail, source topic, partition and offset as headers
- *        (bw-reason, bw-detail, bw-topic, bw-partition, bw-offset).
+ *        (bw-reason, bw-detail, bw-topic, bw-partition, bw-offset). A value
+ *        above BW_DLQ_VALUE_MAX keeps its first BW_DLQ_VALUE_MAX bytes, with
+ *        bw-truncated (the original length) and bw-sha256 (of the original).
  */
 int bw_publish_dlq(bw_publish *pb, const rd_kafka_message_t *src, const char *reason,
                    const char *detail);

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/evp.h>
+
 #include "bw_log.h"
 #include "bw_publish.h"
 #include "bw_util.h"
@@ -135,21 +137,39 @@ void bw_publish_destroy(bw_publish *pb)
 int bw_publish_dlq(bw_publish *pb, const rd_kafka_message_t *src, const char *reason,
                    const char *detail)
 {
-    char part[16], off[24];
+    char part[16], off[24], orig_len[24] = "", sha[2 * EVP_MAX_MD_SIZE + 1] = "";
     const char *topic = src->rkt ? rd_kafka_topic_name(src->rkt) : "";
+    size_t len = src->len;
     rd_kafka_resp_err_t e;
 
     snprintf(part, sizeof(part), "%d", (int)src->partition);
     snprintf(off, sizeof(off), "%lld", (long long)src->offset);
+    if (len > BW_DLQ_VALUE_MAX) {
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned int mdlen = 0;
+        EVP_Digest(src->payload, src->len, md, &mdlen, EVP_sha256(), NULL);
+        for (unsigned int k = 0; k < mdlen; k++)
+            snprintf(sha + 2 * k, 3, "%02x", md[k]);
+        snprintf(orig_len, sizeof(orig_len), "%zu", src->len);
+        len = BW_DLQ_VALUE_MAX;
+    }
     for (;;) {
+        rd_kafka_headers_t *h = rd_kafka_headers_new(8);
+        rd_kafka_header_add(h, "bw-reason", -1, reason, -1);
+        rd_kafka_header_add(h, "bw-detail", -1, detail ? detail : "", -1);
+        rd_kafka_header_add(h, "bw-topic", -1, topic, -1);
+        rd_kafka_header_add(h, "bw-partition", -1, part, -1);
+        rd_kafka_header_add(h, "bw-offset", -1, off, -1);
+        if (orig_len[0]) {
+            rd_kafka_header_add(h, "bw-truncated", -1, orig_len, -1);
+            rd_kafka_header_add(h, "bw-sha256", -1, sha, -1);
+        }
         e = rd_kafka_producev(
             pb->rk, RD_KAFKA_V_RKT(pb->rkt_dlq), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
-            RD_KAFKA_V_KEY(src->key, src->key_len), RD_KAFKA_V_VALUE(src->payload, src->len),
-            RD_KAFKA_V_HEADER("bw-reason", reason, -1),
-            RD_KAFKA_V_HEADER("bw-detail", detail ? detail : "", -1),
-            RD_KAFKA_V_HEADER("bw-topic", topic, -1), RD_KAFKA_V_HEADER("bw-partition", part, -1),
-            RD_KAFKA_V_HEADER("bw-offset", off, -1), RD_KAFKA_V_OPAQUE(&dlq_marker),
-            RD_KAFKA_V_END);
+            RD_KAFKA_V_KEY(src->key, src->key_len), RD_KAFKA_V_VALUE(src->payload, len),
+            RD_KAFKA_V_HEADERS(h), RD_KAFKA_V_OPAQUE(&dlq_marker), RD_KAFKA_V_END);
+        if (e)
+            rd_kafka_headers_destroy(h); /* not taken over on failure */
         if (e != RD_KAFKA_RESP_ERR__QUEUE_FULL)
             break;
         rd_kafka_poll(pb->rk, 100);

@@ -15,6 +15,7 @@ valid requests produced after them are settled with the right amounts
 Reason codes are the ones docs/design.md lists.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -31,6 +32,7 @@ from bwtest import Checks, Stack, log, wait_until  # noqa: E402
 PRICING = pm.Pricing(pm.example_spec("e2e-dlq-1"))
 PART = 2  # every message of this test goes to this partition of the input topic
 MAX_EVENT_BYTES = 65536
+HUGE_BYTES = 1040000  # under the broker's 1 MiB limit; its dead letter with headers is not
 
 
 def valid_request(rid, uid, i):
@@ -118,6 +120,16 @@ def test(t, stack, args):
     stack.produce(before, partition=PART)
     for name, key, value, _ in bad:
         stack.produce([value], partition=PART, key=key)
+    # Close to Kafka's message size limit: with the bw-* headers its dead letter
+    # would not fit; it must be cut (BW_DLQ_VALUE_MAX, 512 KiB), not stop the
+    # partition.
+    huge = b'{"type":"custom_tool_call","pad":"' + b"x" * (HUGE_BYTES - 36) + b'"}'
+    assert len(huge) == HUGE_BYTES
+    p = subprocess.run(["kcat", "-P", "-b", stack.brokers, "-t", stack.events_topic,
+                        "-p", str(PART), "-k", "r-huge", "-X", "message.max.bytes=1048576",
+                        "-X", "acks=all"],
+                       input=huge, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    t.check(p.returncode == 0, "a %d-byte message produced" % HUGE_BYTES, p.stderr[-300:])
     stack.produce([mm_first, mm_intruder, mm_fin], partition=PART)
     stack.produce([e for evs in after for e in evs], partition=PART)
 
@@ -128,7 +140,7 @@ def test(t, stack, args):
     recs = wait_until(lambda: (lambda r: r if all(k in r for k in want) else None)(
         {x["idempotency_key"]: x for x in stack.settlements()}),
         timeout=60, interval=0.5, what="%d settlements" % len(want))
-    n_bad = len(bad) + 1
+    n_bad = len(bad) + 2  # + user_mismatch + the huge one
     dl = stack.wait_messages(stack.dlq_topic, n_bad, timeout=30)
     heads = dlq_headers(stack)
 
@@ -141,6 +153,16 @@ def test(t, stack, args):
     expected.append(("user_mismatch", b"r-mm", j(mm_intruder), "user_mismatch"))
 
     t.eq(len(dl), n_bad, "exactly %d dead letters" % n_bad)
+    cut = [m for m in dl if m.key == b"r-huge"]
+    if t.eq(len(cut), 1, "huge message: one dead letter"):
+        m = cut[0]
+        h = heads.get((m.partition, m.offset), {})
+        t.eq(m.value, huge[:512 * 1024], "huge message: its first 512 KiB as the value")
+        t.eq((h.get("bw-reason"), h.get("bw-truncated"), h.get("bw-sha256")),
+             ("too_large", str(HUGE_BYTES), hashlib.sha256(huge).hexdigest()),
+             "huge message: bw-truncated (original length) and bw-sha256 (of the original)")
+        offs = src.get(huge, [])
+        t.eq(h.get("bw-offset"), str(offs[0]) if offs else "?", "huge message: source offset")
     got_by_value = {}
     for m in dl:
         got_by_value.setdefault(m.value, []).append(m)
@@ -172,6 +194,7 @@ def test(t, stack, args):
 
     m = w.metrics()
     counts = Counter(reason for _, _, _, reason in expected)
+    counts["too_large"] += 1  # the huge one
     for reason in ("invalid_json", "missing_field", "wrong_type", "invalid_value",
                    "not_object", "unknown_type", "invalid_id", "too_large", "user_mismatch"):
         t.eq(int(m.get('billing_worker_dead_letters_total{reason="%s"}' % reason, -1)),
