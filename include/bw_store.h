@@ -47,6 +47,11 @@ typedef struct bw_store_timers {
 bw_store *bw_store_new(const char *url, const bw_store_timers *timers, char *err, size_t errsize);
 void bw_store_destroy(bw_store *st);
 
+/** Use the keys of a --shadow worker ("bws:..." instead of "bw:..."): a shadow
+ *  deployment sharing Redis with the real one never touches its state. Call
+ *  before the first operation. */
+void bw_store_shadow(bw_store *st);
+
 /** 1 for a redis+cluster:// store. */
 int bw_store_is_cluster(const bw_store *st);
 

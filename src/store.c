@@ -316,6 +316,7 @@ struct bw_store {
     int *bslot;
     unsigned next_bucket; /* where the next claim starts */
     int layout_ok;        /* cluster: the bucket count matches the stored one */
+    char ns[8];           /* key prefix: "bw", or "bws" for a --shadow worker */
     bw_store_timers timers;
     char sha[S_COUNT][41];
 };
@@ -521,6 +522,7 @@ bw_store *bw_store_new(const char *url, const bw_store_timers *timers, char *err
         return NULL;
     }
     st->n_buckets = 1;
+    snprintf(st->ns, sizeof(st->ns), "bw");
     if (parse_url(st, url, err, errsize) < 0) {
         free(st);
         return NULL;
@@ -547,6 +549,11 @@ bw_store *bw_store_new(const char *url, const bw_store_timers *timers, char *err
             snprintf(st->sha[i] + 2 * j, 3, "%02x", md[j]);
     }
     return st;
+}
+
+void bw_store_shadow(bw_store *st)
+{
+    snprintf(st->ns, sizeof(st->ns), "bws");
 }
 
 int bw_store_is_cluster(const bw_store *st)
@@ -916,8 +923,7 @@ int bw_store_ping(bw_store *st)
  */
 static int check_layout(bw_store *st)
 {
-    const char *key = "bw:layout"; /* one key, whatever the bucket count */
-    char want[32];
+    char key[16], want[32];
     const char *set[5] = {"SET", key, want, "NX", NULL};
     const char *get[2] = {"GET", key};
     redisReply *r;
@@ -925,6 +931,7 @@ static int check_layout(bw_store *st)
 
     if (!st->cluster || st->layout_ok)
         return 0;
+    snprintf(key, sizeof(key), "%s:layout", st->ns); /* one key, whatever the bucket count */
     snprintf(want, sizeof(want), "buckets=%d", st->n_buckets);
     if (!(r = run_cmd(st, key, 4, set)))
         return -1;
@@ -946,17 +953,17 @@ static int check_layout(bw_store *st)
 static void request_key(const bw_store *st, char *buf, size_t size, const char *enc, char suffix)
 {
     if (st->cluster)
-        snprintf(buf, size, "bw:{%s}:%s:%c", st->btag[bucket_of(st, enc)], enc, suffix);
+        snprintf(buf, size, "%s:{%s}:%s:%c", st->ns, st->btag[bucket_of(st, enc)], enc, suffix);
     else
-        snprintf(buf, size, "bw:{%s}:%c", enc, suffix);
+        snprintf(buf, size, "%s:{%s}:%c", st->ns, enc, suffix);
 }
 
 static void bucket_key(const bw_store *st, char *buf, size_t size, int b, const char *name)
 {
     if (st->cluster)
-        snprintf(buf, size, "bw:{%s}:%s", st->btag[b], name);
+        snprintf(buf, size, "%s:{%s}:%s", st->ns, st->btag[b], name);
     else
-        snprintf(buf, size, "bw:%s", name);
+        snprintf(buf, size, "%s:%s", st->ns, name);
 }
 
 /* Compact, order-stable text of an event's billable content. */

@@ -439,6 +439,8 @@ static int settlers_start(worker *w, char *err, size_t errsize)
         if (!(s->st = bw_store_new(w->cfg->redis_url, &w->timers, err, errsize)) ||
             !(s->se = bw_settle_new(w->cfg, err, errsize)))
             return -1;
+        if (w->opts->shadow)
+            bw_store_shadow(s->st);
     }
     for (int i = 0; i < w->n_settlers; i++) {
         if (pthread_create(&w->settlers[i].th, NULL, settler_main, &w->settlers[i]) != 0) {
@@ -783,7 +785,9 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
         timers->lease_ms = 5000;
     if (timers->lease_ms > 5 * 60 * 1000)
         timers->lease_ms = 5 * 60 * 1000;
-    if (!(w.st = bw_store_new(cfg->redis_url, timers, err, sizeof(err))) ||
+    if ((w.st = bw_store_new(cfg->redis_url, timers, err, sizeof(err))) && opts->shadow)
+        bw_store_shadow(w.st);
+    if (!w.st ||
         !(w.pb = bw_publish_new(cfg, opts->xprops, opts->n_xprops, on_delivered, &w, err,
                                 sizeof(err))) ||
         settlers_start(&w, err, sizeof(err)) < 0 || consumer_new(&w, err, sizeof(err)) < 0) {

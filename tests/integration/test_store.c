@@ -673,6 +673,45 @@ static void test_cluster_redirects(void **state)
     bw_store_destroy(st);
 }
 
+/* A --shadow worker on the same Redis keeps its state apart: the real
+ * worker still sees every event as new and every request as its own. */
+static void test_shadow_keys_apart(void **state)
+{
+    bw_store *real = new_store(60000, 5000), *shadow;
+    bw_store_timers t = {60000, 5000, 60000, 2000};
+    bw_event evs[2];
+    int res[2];
+    char url[128], err[256], **rids;
+
+    if (cluster_mode)
+        snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d", redis_port);
+    else
+        snprintf(url, sizeof(url), "redis://127.0.0.1:%d/%d", redis_port, db_counter);
+    shadow = bw_store_new(url, &t, err, sizeof(err)); /* the same database as real */
+    assert_non_null(shadow);
+    bw_store_shadow(shadow);
+
+    evs[0] = tool("sh-1", "u1", "e1", "web_search");
+    evs[1] = finalize("sh-1", "u1", "e2", 1, 0, 1);
+    apply(shadow, evs, 2, res);
+    assert_int_equal(res[0], BW_APPLY_NEW);
+    assert_int_equal(res[1], BW_APPLY_NEW);
+    assert_int_equal(claim(real, &rids), 0); /* the shadow's due request is not real's */
+    bw_store_free_strings(rids, 0);
+
+    apply(real, evs, 2, res);
+    assert_int_equal(res[0], BW_APPLY_NEW); /* not a duplicate of the shadow's copy */
+    assert_int_equal(res[1], BW_APPLY_NEW);
+    assert_int_equal(claim(real, &rids), 1);
+    assert_string_equal(rids[0], "sh-1");
+    bw_store_free_strings(rids, 1);
+    assert_int_equal(claim(shadow, &rids), 1);
+    assert_string_equal(rids[0], "sh-1");
+    bw_store_free_strings(rids, 1);
+    bw_store_destroy(shadow);
+    bw_store_destroy(real);
+}
+
 static int cluster_keys(void)
 {
     int n = 0;
@@ -735,6 +774,7 @@ int main(void)
         cmocka_unit_test(test_unrecorded_attempt_is_wallet_only),
         cmocka_unit_test(test_fallback_only_for_latest_attempt),
         cmocka_unit_test(test_script_reload),
+        cmocka_unit_test(test_shadow_keys_apart),
         cmocka_unit_test(test_cluster_spread),
         cmocka_unit_test(test_cluster_redirects),
         cmocka_unit_test(test_cluster_layout_guard),
