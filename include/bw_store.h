@@ -52,6 +52,10 @@ void bw_store_destroy(bw_store *st);
  *  before the first operation. */
 void bw_store_shadow(bw_store *st);
 
+/** 1 once the cluster was found to hold another bucket count (bw:layout):
+ *  every operation then fails; the worker stops rather than hold partitions. */
+int bw_store_layout_conflict(const bw_store *st);
+
 /** 1 for a redis+cluster:// store. */
 int bw_store_is_cluster(const bw_store *st);
 

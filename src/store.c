@@ -299,6 +299,7 @@ typedef struct rnode {
 #define MAX_BUCKETS           1024
 #define BUCKET_TAG_MAX        24
 #define CLUSTER_PEEK_AHEAD_MS 2000
+#define LAYOUT_RECHECK_MS     10000
 
 struct bw_store {
     int cluster;
@@ -316,7 +317,9 @@ struct bw_store {
     int *bslot;
     unsigned next_bucket; /* where the next claim starts */
     int layout_ok;        /* cluster: the bucket count matches the stored one */
-    char ns[8];           /* key prefix: "bw", or "bws" for a --shadow worker */
+    int layout_conflict;  /* cluster: it does not */
+    int64_t layout_checked_ms;
+    char ns[8]; /* key prefix: "bw", or "bws" for a --shadow worker */
     bw_store_timers timers;
     char sha[S_COUNT][41];
 };
@@ -549,6 +552,11 @@ bw_store *bw_store_new(const char *url, const bw_store_timers *timers, char *err
             snprintf(st->sha[i] + 2 * j, 3, "%02x", md[j]);
     }
     return st;
+}
+
+int bw_store_layout_conflict(const bw_store *st)
+{
+    return st->layout_conflict;
 }
 
 void bw_store_shadow(bw_store *st)
@@ -929,7 +937,11 @@ static int check_layout(bw_store *st)
     redisReply *r;
     int ok;
 
-    if (!st->cluster || st->layout_ok)
+    if (!st->cluster)
+        return 0;
+    /* checked again now and then: a lost bw:layout is written back, and a
+     * worker counting otherwise then notices within LAYOUT_RECHECK_MS */
+    if (st->layout_ok && bw_mono_ms() - st->layout_checked_ms < LAYOUT_RECHECK_MS)
         return 0;
     snprintf(key, sizeof(key), "%s:layout", st->ns); /* one key, whatever the bucket count */
     snprintf(want, sizeof(want), "buckets=%d", st->n_buckets);
@@ -945,6 +957,8 @@ static int check_layout(bw_store *st)
                "every worker of a cluster needs the same ?buckets= of its redis url", NULL);
     freeReplyObject(r);
     st->layout_ok = ok;
+    st->layout_conflict = !ok;
+    st->layout_checked_ms = bw_mono_ms();
     return ok ? 0 : -1;
 }
 

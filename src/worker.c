@@ -79,6 +79,7 @@ typedef struct worker {
     int joined;
     int paused;
     int settlers_abandoned; /* still in a wallet call at the shutdown deadline */
+    int fatal;              /* stopped on a configuration conflict: exit 2 */
 
     /* batch buffers, allocated once */
     rd_kafka_message_t **msgs;
@@ -573,6 +574,13 @@ static int process_batch(worker *w, int n)
     while (nv > 0 &&
            bw_store_apply(w->st, w->valid, (size_t)nv, w->results, err, sizeof(err)) < 0) {
         atomic_store(&bw_stats.ready, 0);
+        if (bw_store_layout_conflict(w->st)) {
+            bw_log(BW_LOG_ERROR,
+                   "stopping: the redis cluster holds another bucket count than redis.url", NULL);
+            w->fatal = 1;
+            stop_requested = 1;
+            return -1;
+        }
         bw_log(BW_LOG_WARN, "redis unavailable; retrying the batch", "error", err, NULL);
         if (stop_requested)
             return -1;
@@ -866,5 +874,5 @@ out:
     free(w.results);
     free(w.dead);
     free(w.detail);
-    return rc;
+    return rc == 0 && w.fatal ? 2 : rc;
 }

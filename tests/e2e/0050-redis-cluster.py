@@ -246,6 +246,31 @@ def run(t, stack, args, rng, cluster):
          "events applied = the %d distinct events" % n_distinct)
     t.eq(total.get("billing_worker_duplicates_total"), n_msgs - n_distinct,
          "duplicates counted = the %d copies" % (n_msgs - n_distinct))
+
+    # A third worker configured with another bucket count would look for a
+    # request's state under other keys: it must refuse (bw:layout), stop with
+    # exit 2 and leave its partitions to the others, which charge everything.
+    cfg = stack.write_config(pricing=PRICING.libconfig(),
+                             redis={"url": cluster.url() + "?buckets=7"},
+                             settle={"finalize_grace": "1s"})
+    odd = stack.worker(args.bin, cfg, name="worker-buckets-7").start()
+    time.sleep(8)  # joins the group and gets partitions
+    more = [make_request(rng, N_REQUESTS + i) for i in range(20)]
+    want_more = {bwtest_key(rid): (uid, PRICING.price(pm.dedup(events)).amount_credits)
+                 for rid, uid, _, events in more}
+    stack.produce(interleave(rng, [m for _, _, m, _ in more]))
+    t.eq(odd.wait(60), 2, "a worker with ?buckets=7 stops with exit 2")
+    t.check("redis cluster holds another layout" in odd.log(),
+            "... and logs why ('redis cluster holds another layout')")
+    wait_until(lambda: {e["key"] for e in stack.ledger()} >= set(want_more), timeout=120,
+               interval=0.5, what="the 20 later charges")
+    time.sleep(2)
+    got = {}
+    for e in stack.ledger():
+        got.setdefault(e["key"], []).append((e["amount"], e["user_id"]))
+    t.eq({k: got.get(k) for k in want_more}, {k: [(a, u)] for k, (u, a) in want_more.items()},
+         "the 20 later requests charged exactly once, exact amounts, by the other workers")
+    t.eq(len(got), len(want) + len(want_more), "no other key in the ledger")
     t.eq([w.stop() for w in workers], [0, 0], "SIGTERM: both workers exit 0")
 
 
