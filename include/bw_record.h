@@ -63,7 +63,13 @@ void bw_record_reason_text(const bw_charge *ch, char *buf, size_t size);
 int bw_record_settle_req(const json_t *rec, bw_settle_req *req, char *reason, size_t reason_size,
                          char **breakdown);
 
-/** Serialise compactly with keys in insertion order. Caller frees. */
+/** Records are Kafka messages: one above this would never be published. */
+#define BW_RECORD_MAX (512 * 1024)
+
+/** Serialise compactly with keys in insertion order. Caller frees. A record
+ *  above BW_RECORD_MAX (thousands of distinct models or tools in one request)
+ *  goes without its lines: "lines" is [] and "lines_omitted" counts them;
+ *  every amount and total stays. */
 char *bw_record_dump(const json_t *rec);
 
 #endif

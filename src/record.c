@@ -201,5 +201,19 @@ int bw_record_settle_req(const json_t *rec, bw_settle_req *req, char *reason, si
 
 char *bw_record_dump(const json_t *rec)
 {
-    return json_dumps(rec, JSON_COMPACT | JSON_PRESERVE_ORDER);
+    const size_t flags = JSON_COMPACT | JSON_PRESERVE_ORDER;
+    char *txt = json_dumps(rec, flags);
+    json_t *cut;
+
+    if (!txt || strlen(txt) <= BW_RECORD_MAX)
+        return txt;
+    free(txt);
+    if (!(cut = json_copy((json_t *)rec))) /* shallow: only the top level changes */
+        return NULL;
+    json_object_set_new(cut, "lines_omitted",
+                        json_integer((json_int_t)json_array_size(json_object_get(rec, "lines"))));
+    json_object_set_new(cut, "lines", json_array());
+    txt = json_dumps(cut, flags);
+    json_decref(cut);
+    return txt;
 }
