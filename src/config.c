@@ -53,8 +53,18 @@ static const char *check_redis_url(const char *s)
 {
     /* hiredis 0.14 has no TLS: rediss:// is refused rather than silently
      * sent in clear text. */
-    if ((strncmp(s, "redis://", 8) == 0 && s[8]) || (strncmp(s, "unix://", 7) == 0 && s[7]) ||
-        (strncmp(s, "redis+cluster://", 16) == 0 && s[16]))
+    if (strncmp(s, "redis+cluster://", 16) == 0 && s[16]) {
+        const char *q = strchr(s, '?');
+        char *end;
+        long b;
+        if (!q)
+            return NULL;
+        if (strncmp(q, "?buckets=", 9) != 0 || !isdigit((unsigned char)q[9]) ||
+            (b = strtol(q + 9, &end, 10)) < 1 || b > 1024 || *end)
+            return "redis+cluster:// takes only ?buckets=1..1024";
+        return NULL;
+    }
+    if ((strncmp(s, "redis://", 8) == 0 && s[8]) || (strncmp(s, "unix://", 7) == 0 && s[7]))
         return NULL;
     return "must start with redis://, redis+cluster:// or unix://";
 }

@@ -421,6 +421,12 @@ static void test_err_values(void **state)
     (void)state;
     expect_error("redis = { url = \"http://127.0.0.1:6379\"; };\n" PRICING, 1,
                  "redis.url: must start with redis://, redis+cluster:// or unix://");
+    expect_error("redis = { url = \"redis+cluster://10.0.0.1:7000?buckets=0\"; };\n" PRICING, 1,
+                 "redis.url: redis+cluster:// takes only ?buckets=1..1024");
+    expect_error("redis = { url = \"redis+cluster://10.0.0.1:7000?buckets=12abc\"; };\n" PRICING, 1,
+                 "redis.url: redis+cluster:// takes only ?buckets=1..1024");
+    expect_error("redis = { url = \"redis+cluster://10.0.0.1:7000?bucket=8\"; };\n" PRICING, 1,
+                 "redis.url: redis+cluster:// takes only ?buckets=1..1024");
     expect_error("wallet = { consume_path = \"/api/v1/consume\"; };\n" PRICING, 1,
                  "wallet.consume_path: must be a path starting with '/' that contains {user_id}");
     expect_error("user_service = {\n"                 /* 1 */
