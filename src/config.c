@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include <libconfig.h>
+#include <librdkafka/rdkafka.h>
 
 #include "bw_config.h"
 #include "bw_util.h"
@@ -337,6 +338,26 @@ static int apply_str(bw_config *cfg, const key_spec *ks, const char *s, char *ms
     return 0;
 }
 
+/* librdkafka's verdict on one "key=value", here so that check-config and a
+ * bad file give file:line and exit 2 rather than a failure at run time.
+ * @returns NULL, or why (in @p buf). */
+static const char *check_kafka_property(const char *kv, const char *eq, char *buf, size_t size)
+{
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    char key[256];
+    rd_kafka_conf_res_t res;
+
+    if ((size_t)(eq - kv) >= sizeof(key)) {
+        rd_kafka_conf_destroy(conf);
+        return "property name too long";
+    }
+    memcpy(key, kv, (size_t)(eq - kv));
+    key[eq - kv] = '\0';
+    res = rd_kafka_conf_set(conf, key, eq + 1, buf, size);
+    rd_kafka_conf_destroy(conf);
+    return res == RD_KAFKA_CONF_OK ? NULL : buf;
+}
+
 /*
  * Read kafka.topics or kafka.properties: a list ( ) or array [ ] of strings.
  * @returns 0, or -1 with a complete "file:line: ..." error.
@@ -350,6 +371,7 @@ static int apply_list(bw_config *cfg, const key_spec *ks, const config_setting_t
     size_t *n = topics ? &cfg->n_topics : &cfg->n_properties;
     int type = config_setting_type(s);
     int len, i;
+    char rkerr[256];
 
     if (type != CONFIG_TYPE_LIST && type != CONFIG_TYPE_ARRAY) {
         bw_seterr(err, errsize, "%s:%d: kafka.%s: must be a list of strings", setting_file(s, path),
@@ -377,6 +399,8 @@ static int apply_list(bw_config *cfg, const key_spec *ks, const config_setting_t
             why = "must be a non-empty string";
         else if (!topics && (!eq || eq == v))
             why = "must be \"key=value\"";
+        else if (!topics)
+            why = check_kafka_property(v, eq, rkerr, sizeof(rkerr));
         if (why) {
             bw_seterr(err, errsize, "%s:%d: kafka.%s[%d]: %s", setting_file(e, path), line_of(e),
                       ks->key, i, why);

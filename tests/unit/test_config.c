@@ -402,6 +402,18 @@ static void test_err_properties(void **state)
                  4, "kafka.properties[1]: must be \"key=value\"");
     expect_error("kafka = { properties = ( \"=x\" ); };\n" PRICING, 1,
                  "kafka.properties[0]: must be \"key=value\"");
+    /* librdkafka's own verdict, so that check-config catches what run would */
+    expect_error("kafka = {\n"                     /* 1 */
+                 "  properties = [\n"              /* 2 */
+                 "    \"fetch.wait.max.ms=10\",\n" /* 3 */
+                 "    \"no.such.property=1\",\n"   /* 4 */
+                 "    \"client.id=x\"\n"           /* 5 */
+                 "  ];\n"                          /* 6 */
+                 "};\n" PRICING,
+                 4, "kafka.properties[1]: No such configuration property: \"no.such.property\"");
+    expect_error(
+        "kafka = { properties = ( \"fetch.wait.max.ms=soon\", \"client.id=x\" ); };\n" PRICING, 1,
+        "kafka.properties[0]: Invalid value for configuration property \"fetch.wait.max.ms\"");
 }
 
 static void test_err_max_event_bytes(void **state)
