@@ -68,6 +68,7 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bwtest  # noqa: E402
+from bwtest import charge_key  # noqa: E402
 import pricing_model as pm  # noqa: E402
 from bwtest import Checks, Stack, log, wait_until  # noqa: E402
 
@@ -114,16 +115,8 @@ BURST_SPECS = {  # lists of refsvc fault objects (target wallet unless said)
 }
 
 
-def enc(rid):
-    return urllib.parse.quote(rid, safe="")
-
-
-def charge_key(rid):
-    return "bw:" + enc(rid)
-
-
 def adj_key(rid, n):
-    return "bw:%s:adj:%d" % (enc(rid), n)
+    return charge_key(rid, n)
 
 
 # ---- traffic --------------------------------------------------------------------------------

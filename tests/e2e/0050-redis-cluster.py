@@ -178,7 +178,7 @@ def run(t, stack, args, rng, cluster):
     reqs = [make_request(rng, i) for i in range(N_REQUESTS)]
     want = {}
     for rid, uid, msgs, events in reqs:
-        want[bwtest_key(rid)] = (uid, PRICING.price(pm.dedup(events)).amount_credits)
+        want[bwtest.charge_key(rid)] = (uid, PRICING.price(pm.dedup(events)).amount_credits)
     n_msgs = sum(len(m) for _, _, m, _ in reqs)
     n_distinct = sum(len(pm.dedup(m)) for _, _, m, _ in reqs)
 
@@ -256,7 +256,7 @@ def run(t, stack, args, rng, cluster):
     odd = stack.worker(args.bin, cfg, name="worker-buckets-7").start()
     time.sleep(8)  # joins the group and gets partitions
     more = [make_request(rng, N_REQUESTS + i) for i in range(20)]
-    want_more = {bwtest_key(rid): (uid, PRICING.price(pm.dedup(events)).amount_credits)
+    want_more = {bwtest.charge_key(rid): (uid, PRICING.price(pm.dedup(events)).amount_credits)
                  for rid, uid, _, events in more}
     stack.produce(interleave(rng, [m for _, _, m, _ in more]))
     t.eq(odd.wait(60), 2, "a worker with ?buckets=7 stops with exit 2")
@@ -272,12 +272,6 @@ def run(t, stack, args, rng, cluster):
          "the 20 later requests charged exactly once, exact amounts, by the other workers")
     t.eq(len(got), len(want) + len(want_more), "no other key in the ledger")
     t.eq([w.stop() for w in workers], [0, 0], "SIGTERM: both workers exit 0")
-
-
-def bwtest_key(rid):
-    """The charge's idempotency key: bw: + the percent-encoded request id."""
-    from urllib.parse import quote
-    return "bw:" + quote(rid, safe="-._~")
 
 
 def main():

@@ -246,6 +246,13 @@ def _parse_kcat_output(out):
     return msgs
 
 
+def charge_key(request_id, adjustment=0):
+    """The idempotency key of a request's charge (PRODUCT.md): bw: + the
+    percent-encoded request id; of its n-th adjustment: ...:adj:<n>."""
+    key = "bw:" + urllib.parse.quote(request_id, safe="")
+    return key + (":adj:%d" % adjustment if adjustment else "")
+
+
 def _event_key(ev):
     """request_id of an event (plain or CloudEvents), as the producers key it."""
     if not isinstance(ev, dict):
