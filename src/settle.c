@@ -870,8 +870,12 @@ static call_class classify(const http_reply *r, const json_t *answer, call_kind 
      */
     if (r->cc != CURLE_OK)
         return r->sent ? CALL_UNKNOWN : CALL_NOT_DELIVERED;
-    if (r->status >= 200 && r->status <= 299)
+    if (r->status >= 200 && r->status <= 299) {
+        /* a 2xx that says it failed charged nothing: a refusal, never "settled" */
+        if (json_is_false(json_object_get(answer, "success")))
+            return CALL_REJECTED;
         return CALL_OK;
+    }
     switch (r->status) {
     case 409:
         return has_proof(answer, kind) ? CALL_OK : CALL_INFLIGHT;

@@ -79,7 +79,7 @@ typedef struct worker {
     int joined;
     int paused;
     int settlers_abandoned; /* still in a wallet call at the shutdown deadline */
-    int fatal;              /* stopped on a configuration conflict: exit 2 */
+    atomic_int fatal;       /* stopped on a configuration conflict: exit 2 */
 
     /* batch buffers, allocated once */
     rd_kafka_message_t **msgs;
@@ -410,6 +410,12 @@ static void *settler_main(void *arg)
 
     while (!stop_requested) {
         n = bw_store_claim_due(s->st, CLAIM_MAX, &rids);
+        if (n < 0 && bw_store_layout_conflict(s->st)) {
+            bw_log(BW_LOG_ERROR,
+                   "stopping: the redis cluster holds another bucket count than redis.url", NULL);
+            atomic_store(&s->w->fatal, 1);
+            stop_requested = 1;
+        }
         if (n <= 0) {
             free(rids);
             sleep_ms(n < 0 ? 500 : IDLE_MS);
@@ -577,7 +583,7 @@ static int process_batch(worker *w, int n)
         if (bw_store_layout_conflict(w->st)) {
             bw_log(BW_LOG_ERROR,
                    "stopping: the redis cluster holds another bucket count than redis.url", NULL);
-            w->fatal = 1;
+            atomic_store(&w->fatal, 1);
             stop_requested = 1;
             return -1;
         }
@@ -874,5 +880,5 @@ out:
     free(w.results);
     free(w.dead);
     free(w.detail);
-    return rc == 0 && w.fatal ? 2 : rc;
+    return rc == 0 && atomic_load(&w.fatal) ? 2 : rc;
 }

@@ -685,6 +685,24 @@ static void test_older_wallet_answer_and_raw_numbers(void **state)
     (void)state;
 }
 
+/* 200 {"success": false}: the wallet took nothing; recording "settled" would
+ * lose the charge without a trace. It is a refusal, with the wallet's detail. */
+static void test_200_success_false_is_rejected(void **state)
+{
+    bw_settle_req req = base_req();
+    bw_settle_result res;
+    bw_settle *s = new_settle();
+
+    srv_push(&F->wallet, (resp){.status = 200, .body = "{\"success\":false,\"detail\":\"nope\"}"});
+    assert_int_equal(bw_settle_charge(s, &req, &res), 0);
+    assert_int_equal(res.status, BW_SETTLE_REJECTED);
+    assert_string_equal(res.reason, "nope");
+    assert_int_equal(srv_nreqs(&F->wallet), 1); /* no retry */
+    assert_int_equal(srv_nreqs(&F->user), 0);   /* no fallback */
+    bw_settle_destroy(s);
+    (void)state;
+}
+
 static void test_402_rejected_no_retry_no_fallback(void **state)
 {
     bw_settle_req req = base_req();
@@ -1450,6 +1468,7 @@ int main(void)
         T(test_path_never_collapsed_and_keepalive),
         T(test_older_wallet_answer_and_raw_numbers),
         T(test_402_rejected_no_retry_no_fallback),
+        T(test_200_success_false_is_rejected),
         T(test_503_exhausted_goes_to_fallback),
         T(test_500_is_unknown_wallet_only),
         T(test_unknown_then_not_delivered_still_no_fallback),
