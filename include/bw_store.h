@@ -56,6 +56,11 @@ void bw_store_shadow(bw_store *st);
  *  every operation then fails; the worker stops rather than hold partitions. */
 int bw_store_layout_conflict(const bw_store *st);
 
+/** Check the cluster layout now (start-up). @returns 0 (also on a single
+ *  server), -1 if Redis could not be asked (checked again by every
+ *  operation), -2 if the cluster holds another bucket count. */
+int bw_store_check_layout(bw_store *st);
+
 /** 1 for a redis+cluster:// store. */
 int bw_store_is_cluster(const bw_store *st);
 

@@ -961,6 +961,10 @@ static int check_layout(bw_store *st)
     st->layout_checked_ms = bw_mono_ms();
     return ok ? 0 : -1;
 }
+int bw_store_check_layout(bw_store *st)
+{
+    return check_layout(st) == 0 ? 0 : st->layout_conflict ? -2 : -1;
+}
 
 /* Keys. A single server: "bw:{<enc>}:m", "bw:due", "bw:outbox". A cluster:
  * "bw:{<bucket tag>}:<enc>:m", "bw:{<bucket tag>}:due", ... */

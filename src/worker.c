@@ -80,6 +80,7 @@ typedef struct worker {
     int paused;
     int settlers_abandoned; /* still in a wallet call at the shutdown deadline */
     atomic_int fatal;       /* stopped on a configuration conflict: exit 2 */
+    int close_abandoned;    /* the consumer close timed out */
 
     /* batch buffers, allocated once */
     rd_kafka_message_t **msgs;
@@ -801,6 +802,12 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
         timers->lease_ms = 5 * 60 * 1000;
     if ((w.st = bw_store_new(cfg->redis_url, timers, err, sizeof(err))) && opts->shadow)
         bw_store_shadow(w.st);
+    if (w.st && bw_store_check_layout(w.st) == -2) {
+        /* before joining the group: no partition waits for this worker */
+        bw_log(BW_LOG_ERROR, "start-up failed: the redis cluster holds another bucket count", NULL);
+        rc = 2;
+        goto out;
+    }
     if (!w.st ||
         !(w.pb = bw_publish_new(cfg, opts->xprops, opts->n_xprops, on_delivered, &w, err,
                                 sizeof(err))) ||
@@ -848,7 +855,9 @@ int bw_worker_run(bw_config *cfg, const bw_worker_opts *opts)
         e = rd_kafka_commit(w.rk, NULL, 0);
         if (e && e != RD_KAFKA_RESP_ERR__NO_OFFSET)
             bw_log(BW_LOG_WARN, "final offset commit failed", "error", rd_kafka_err2str(e), NULL);
-        close_consumer(w.rk, deadline - bw_mono_ms() > 1000 ? deadline - bw_mono_ms() : 1000);
+        w.close_abandoned =
+            close_consumer(w.rk, deadline - bw_mono_ms() > 1000 ? deadline - bw_mono_ms() : 1000) <
+            0;
         if (bw_publish_flush(
                 w.pb, (int)(deadline - bw_mono_ms() > 500 ? deadline - bw_mono_ms() : 500)) < 0)
             bw_log(BW_LOG_WARN, "records still in flight at exit stay in the outbox", NULL);
@@ -861,7 +870,9 @@ out:
         bw_http_stop(w.http);
     if (w.rk && rc != 0)
         rd_kafka_consumer_close(w.rk);
-    if (w.rk)
+    /* after a timed-out close its thread still runs in librdkafka: destroying
+     * the handle would wait for it (librdkafka #4527); the exit frees it */
+    if (w.rk && !w.close_abandoned)
         rd_kafka_destroy(w.rk);
     if (!w.settlers_abandoned) {
         stop_requested = 1;
