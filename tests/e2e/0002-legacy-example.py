@@ -14,7 +14,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bwtest  # noqa: E402
-from bwtest import Checks, Stack, log, wait_until  # noqa: E402
+from bwtest import log, wait_until  # noqa: E402
 
 # The old system's prices (1 credit per model call, 2 per tool call, 1 minimum)
 # with the one credit_usd rate.
@@ -147,18 +147,5 @@ def test(t, stack, args):
     t.eq(w.stop(), 0, "SIGTERM: exit 0")
 
 
-def main():
-    args = bwtest.parse_args()
-    t = Checks()
-    t0 = time.monotonic()
-    try:
-        with Stack(keep=args.keep) as stack:
-            t.run("legacy example", test, t, stack, args)
-    except Exception as e:  # noqa: BLE001
-        t.check(False, "stack start/stop", repr(e))
-    log("run time %.1fs" % (time.monotonic() - t0))
-    return t.summary()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bwtest.main("legacy example", test))

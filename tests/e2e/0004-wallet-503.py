@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bwtest  # noqa: E402
 import pricing_model as pm  # noqa: E402
-from bwtest import Checks, Stack, log, wait_until  # noqa: E402
+from bwtest import log, wait_until  # noqa: E402
 
 PRICING = pm.Pricing(pm.example_spec("e2e-503-1"))
 MAX_ATTEMPTS = 2
@@ -128,18 +128,5 @@ def test(t, stack, args):
     t.eq(w.stop(), 0, "SIGTERM: exit 0")
 
 
-def main():
-    args = bwtest.parse_args()
-    t = Checks()
-    t0 = time.monotonic()
-    try:
-        with Stack(keep=args.keep) as stack:
-            t.run("wallet 503", test, t, stack, args)
-    except Exception as e:  # noqa: BLE001
-        t.check(False, "stack start/stop", repr(e))
-    log("run time %.1fs" % (time.monotonic() - t0))
-    return t.summary()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bwtest.main("wallet 503", test))

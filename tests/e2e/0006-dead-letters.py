@@ -20,14 +20,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bwtest  # noqa: E402
 import pricing_model as pm  # noqa: E402
-from bwtest import Checks, Stack, log, wait_until  # noqa: E402
+from bwtest import wait_until  # noqa: E402
 
 PRICING = pm.Pricing(pm.example_spec("e2e-dlq-1"))
 PART = 2  # every message of this test goes to this partition of the input topic
@@ -204,18 +203,5 @@ def test(t, stack, args):
     t.eq(w.stop(), 0, "SIGTERM: exit 0")
 
 
-def main():
-    args = bwtest.parse_args()
-    t = Checks()
-    t0 = time.monotonic()
-    try:
-        with Stack(keep=args.keep) as stack:
-            t.run("dead letters", test, t, stack, args)
-    except Exception as e:  # noqa: BLE001
-        t.check(False, "stack start/stop", repr(e))
-    log("run time %.1fs" % (time.monotonic() - t0))
-    return t.summary()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bwtest.main("dead letters", test))

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bwtest  # noqa: E402
 import pricing_model as pm  # noqa: E402
-from bwtest import Checks, Stack, log, wait_until  # noqa: E402
+from bwtest import log, wait_until  # noqa: E402
 
 V1 = pm.Pricing({
     "version": "v1", "credit_usd": "0.002", "minimum_credits": "1.0", "precision": 4,
@@ -164,18 +164,5 @@ def test(t, stack, args):
     t.eq(w.stop(), 0, "SIGTERM: exit 0")
 
 
-def main():
-    args = bwtest.parse_args()
-    t = Checks()
-    t0 = time.monotonic()
-    try:
-        with Stack(keep=args.keep) as stack:
-            t.run("SIGHUP pricing reload", test, t, stack, args)
-    except Exception as e:  # noqa: BLE001
-        t.check(False, "stack start/stop", repr(e))
-    log("run time %.1fs" % (time.monotonic() - t0))
-    return t.summary()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bwtest.main("SIGHUP pricing reload", test))

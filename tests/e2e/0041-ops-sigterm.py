@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bwtest  # noqa: E402
 import gen_traffic  # noqa: E402
 import pricing_model as pm  # noqa: E402
-from bwtest import Checks, Stack, log, wait_until  # noqa: E402
+from bwtest import log, wait_until  # noqa: E402
 
 PRICING = pm.Pricing(pm.example_spec("e2e-sigterm-1"))
 N_REQUESTS = 400
@@ -230,18 +230,5 @@ def test(t, stack, args):
     t.eq(w4.stop(), 0, "worker-4: SIGTERM exits 0")
 
 
-def main():
-    args = bwtest.parse_args()
-    t = Checks()
-    t0 = time.monotonic()
-    try:
-        with Stack(keep=args.keep) as stack:
-            t.run("sigterm mid-traffic", test, t, stack, args)
-    except Exception as e:  # noqa: BLE001
-        t.check(False, "stack start/stop", repr(e))
-    log("run time %.1fs" % (time.monotonic() - t0))
-    return t.summary()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bwtest.main("sigterm mid-traffic", test))

@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bwtest  # noqa: E402
-from bwtest import Checks, Stack, log  # noqa: E402
+from bwtest import log  # noqa: E402
 
 SHUTDOWN_S = 5
 
@@ -46,18 +46,5 @@ def test(t, stack, args):
     t.eq(base.stop(), 0, "the member stops with 0")
 
 
-def main():
-    args = bwtest.parse_args()
-    t = Checks()
-    t0 = time.monotonic()
-    try:
-        with Stack(keep=args.keep) as stack:
-            t.run("sigterm while joining", test, t, stack, args)
-    except Exception as e:  # noqa: BLE001
-        t.check(False, "stack start/stop", repr(e))
-    log("run time %.1fs" % (time.monotonic() - t0))
-    return t.summary()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bwtest.main("sigterm while joining", test))

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bwtest  # noqa: E402
 import pricing_model as pm  # noqa: E402
-from bwtest import Checks, Stack, free_port, log, wait_until  # noqa: E402
+from bwtest import free_port, log, wait_until  # noqa: E402
 
 SEED = 5050
 N_REQUESTS = 160
@@ -274,18 +274,5 @@ def run(t, stack, args, rng, cluster):
     t.eq([w.stop() for w in workers], [0, 0], "SIGTERM: both workers exit 0")
 
 
-def main():
-    args = bwtest.parse_args()
-    t = Checks()
-    t0 = time.monotonic()
-    try:
-        with Stack(keep=args.keep) as stack:
-            t.run("redis cluster", test, t, stack, args)
-    except Exception as e:  # noqa: BLE001
-        t.check(False, "stack start/stop", repr(e))
-    log("run time %.1fs" % (time.monotonic() - t0))
-    return t.summary()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bwtest.main("redis cluster", test))

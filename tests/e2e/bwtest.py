@@ -981,3 +981,19 @@ class Checks:
             print("failed: " + "; ".join(self.failures), flush=True)
         print("%d passed, %d failed" % (self.passed, self.failed), flush=True)
         return 0 if self.failed == 0 and self.passed > 0 else 1
+
+
+def main(name, test):
+    """The whole run of a one-stack test script: parse the arguments, start a
+    Stack, run test(t, stack, args) as check group `name`, stop the stack,
+    print the summary. @returns the exit code (sys.exit(bwtest.main(...)))."""
+    args = parse_args()
+    t = Checks()
+    t0 = time.monotonic()
+    try:
+        with Stack(keep=args.keep) as stack:
+            t.run(name, test, t, stack, args)
+    except Exception as e:  # noqa: BLE001
+        t.check(False, "stack start/stop", repr(e))
+    log("run time %.1fs" % (time.monotonic() - t0))
+    return t.summary()
